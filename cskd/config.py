@@ -1,0 +1,247 @@
+"""Typed run configuration: dataclass defaults <- YAML file <- dotted `key=value` overrides.
+
+Every key is checked before any work starts: an unknown key names the closest valid ones, a value
+of the wrong type names the key, the expected type and where the value came from. The resolved
+config (the chosen method's hyperparameters included) is what gets saved into the run dir.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from cskd.errors import ConfigError
+
+# Keys that change how a run executes but not what it computes: a run dir may be resumed with
+# different values of these.
+RUNTIME_KEYS = ("out_dir", "data.num_workers", "threads", "log_every")
+LIST_SEP = ", "
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/mnist5k"  # directory with train.beton, test.beton, meta.json (datasets_prep)
+    augment: str = "cifar"  # cifar: pad-4 random crop + horizontal flip; crop: crop only; none
+    num_workers: int = 1  # FFCV decoding threads per process
+    eval_batch_size: int = 500  # per rank
+    os_cache: bool = True  # share the page cache between ranks of a node (FFCV os_cache)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: str = "preact_resnet18"
+    method: str = "ce"
+    epochs: int = 200
+    batch_size: int = 128  # global anchors per step, split evenly over ranks; CS-KD adds as many partners
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    # step_reference: /10 after epochs ceil(E/2) and ceil(3E/4), one epoch *later* than written, as
+    # the reference code's adjust_learning_rate does (E=200: lr 0.1 for epochs 0-100). step: exactly
+    # at ceil(E/2) and ceil(3E/4), as the paper's text reads.
+    lr_schedule: str = "step_reference"
+    seed: int = 0
+    out_dir: str = "runs/default"
+    device: str = "auto"  # auto (cuda if available), cpu, cuda
+    amp: bool = True  # bf16 autocast; CUDA only, ignored on CPU
+    channels_last: bool = True  # CUDA only, ignored on CPU
+    sync_bn: bool = False  # SyncBatchNorm across ranks; CUDA only
+    deterministic: bool = False  # torch deterministic algorithms (needed for bit-exact resume)
+    threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
+    ece_bins: int = 20  # the CS-KD paper uses 20 equal-width bins
+    log_every: int = 50  # steps between plain log lines (and loss checks)
+    # Hyperparameters of the chosen method (its Params dataclass), stored under the method's name.
+    method_params: typing.Any = None
+
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.name != "method_params"}
+
+
+def _check_value(key: str, value, expected: type, source: str):
+    """Coerce `value` to `expected` where lossless (int -> float, '1e-4' -> float), else raise."""
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"config key '{key}' expects {expected.__name__}, got {value!r} ({type(value).__name__}) from {source}"
+    )
+
+
+def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=3, cutoff=0.5)
+    close_full = [v for v in valid if v.split(".")[-1] in close]
+    hint = f"did you mean: {LIST_SEP.join(close_full)}?" if close_full else f"valid keys: {LIST_SEP.join(valid)}"
+    return ConfigError(f"unknown config key '{key}' from {source}; {hint}")
+
+
+def _apply(obj, values: dict, prefix: str, source: str, method_sections: dict) -> None:
+    """Set dataclass `obj`'s fields from a nested dict, checking names and types."""
+    fields = _fields(type(obj))
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if not prefix and key in method_sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{key}' is the '{key}' method's section; give its keys, e.g. {key}.<key>=..., in {source}")
+            method_sections[key].update(value)
+            continue
+        if key not in fields:
+            valid = [f"{prefix}{k}" for k in fields] + ([] if prefix else sorted(method_sections))
+            raise _unknown_key(full, valid, source)
+        expected = hints[key]
+        if dataclasses.is_dataclass(expected):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give its keys, e.g. {full}.<key>=..., in {source}")
+            _apply(getattr(obj, key), value, f"{full}.", source, method_sections)
+        else:
+            setattr(obj, key, _check_value(full, value, expected, source))
+
+
+def parse_override(text: str) -> dict:
+    """'a.b=1' -> {'a': {'b': 1}}; values are parsed as YAML scalars (1, 0.1, true, name)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. lr=0.05)")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from defaults, an optional YAML file and key=value overrides."""
+    from cskd.methods import METHODS
+
+    cfg = Config()
+    method_sections: dict[str, dict] = {name: {} for name in METHODS}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            values = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(values).__name__}")
+        _apply(cfg, values, "", path, method_sections)
+    for text in overrides:
+        _apply(cfg, parse_override(text), "", f"override '{text}'", method_sections)
+    return validate(cfg, method_sections)
+
+
+def _instantiate_params(params_cls, values: dict, method: str):
+    params = params_cls()
+    hints = typing.get_type_hints(params_cls)
+    names = [f.name for f in dataclasses.fields(params_cls)]
+    for key, value in values.items():
+        if key not in names:
+            raise _unknown_key(f"{method}.{key}", [f"{method}.{n}" for n in names], f"the '{method}' section")
+        setattr(params, key, _check_value(f"{method}.{key}", value, hints[key], f"the '{method}' section"))
+    return params
+
+
+def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Config:
+    """Check names and ranges; fill `cfg.method_params` from the chosen method's section."""
+    from cskd.methods import METHODS
+    from cskd.models import MODELS
+
+    if cfg.model not in MODELS:
+        raise ConfigError(f"unknown model '{cfg.model}'; valid models: {LIST_SEP.join(sorted(MODELS))}")
+    if cfg.method not in METHODS:
+        raise ConfigError(f"unknown method '{cfg.method}'; valid methods: {LIST_SEP.join(sorted(METHODS))}")
+    sections = method_sections or {}
+    for name, values in sections.items():  # inactive sections are checked too, then dropped
+        params = _instantiate_params(METHODS[name].Params, values, name)
+        if name == cfg.method:
+            cfg.method_params = params
+    if cfg.method_params is None or not isinstance(cfg.method_params, METHODS[cfg.method].Params):
+        cfg.method_params = METHODS[cfg.method].Params()
+    METHODS[cfg.method].check_params(cfg.method_params)
+    choices = {
+        "lr_schedule": ("step_reference", "step"),
+        "device": ("auto", "cpu", "cuda"),
+        "data.augment": ("cifar", "crop", "none"),
+    }
+    for key, allowed in choices.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {LIST_SEP.join(allowed)}, got {value!r}")
+    positive = ("epochs", "batch_size", "lr", "ece_bins", "log_every", "data.eval_batch_size", "data.num_workers")
+    for key in positive:
+        if not get_key(cfg, key) > 0:
+            raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)!r}")
+    for key in ("momentum", "weight_decay", "threads"):
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    return cfg
+
+
+def get_key(cfg, dotted: str):
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict of the resolved config; the method's params sit under the method's name."""
+    d = dataclasses.asdict(cfg)
+    params = d.pop("method_params")
+    if params:
+        d[cfg.method] = params
+    return d
+
+
+def from_dict(values: dict) -> Config:
+    """Inverse of `to_dict` (used to rebuild a run's config from its saved config.yaml)."""
+    from cskd.methods import METHODS
+
+    cfg = Config()
+    sections = {name: {} for name in METHODS}
+    _apply(cfg, values, "", "saved config", sections)
+    return validate(cfg, sections)
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def identity_dict(cfg: Config) -> dict:
+    """The config without runtime-only keys: two runs with equal identity compute the same thing."""
+    d = to_dict(cfg)
+    for dotted in RUNTIME_KEYS:
+        node = d
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node[part]
+        node.pop(last, None)
+    return d
+
+
+def diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

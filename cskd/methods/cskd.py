@@ -1,0 +1,47 @@
+"""CS-KD (Yun et al., CVPR 2020): CE on anchors + lam * T^2 * KL(p(x') || p(x)) to same-class partners.
+
+Reference semantics (alinlab/cs-kd train.py): the partners go through the network in a *separate*
+forward pass, in train mode, under no_grad. Their BatchNorm statistics are therefore the partner
+half's own, and the running statistics are updated twice per step; fusing both halves into one
+forward would change this, so it is not done.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from cskd.errors import ConfigError
+from cskd.losses import cross_entropy, kd_kl_div
+from cskd.methods.base import Batch, Method, Sampling, StepOutput, register_method
+
+
+@dataclass
+class CSKDParams:
+    temperature: float = 4.0
+    lam: float = 1.0  # the paper's lambda_cls; it uses 3 for CUB, see its supplement for the others
+    # The reference draws the partner uniformly within the class *with* the anchor itself among the
+    # candidates (p = 1/class size). True excludes it (classes of one sample still pair with themselves).
+    exclude_self: bool = False
+
+
+@register_method("cskd")
+class CSKD(Method):
+    Params = CSKDParams
+
+    @classmethod
+    def check_params(cls, params: CSKDParams) -> None:
+        if not params.temperature > 0:
+            raise ConfigError(f"config key 'cskd.temperature' must be > 0, got {params.temperature}")
+        if params.lam < 0:
+            raise ConfigError(f"config key 'cskd.lam' must be >= 0, got {params.lam}")
+
+    def sampling(self) -> Sampling:
+        return Sampling("class_pairs", exclude_self=self.params.exclude_self)
+
+    def loss(self, model, batch: Batch) -> StepOutput:
+        logits = model(batch.images)
+        with torch.no_grad():
+            pair_logits = model(batch.pair_images)
+        ce = cross_entropy(logits, batch.labels)
+        kl = kd_kl_div(logits, pair_logits, self.params.temperature)
+        loss = ce + self.params.lam * kl  # == losses.cskd_loss, with the terms kept for logging
+        return StepOutput(loss, logits, {"ce": ce.detach(), "cls": kl.detach()})

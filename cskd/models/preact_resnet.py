@@ -1,0 +1,73 @@
+"""PreAct ResNet for 32x32 inputs, as the CS-KD reference's `CIFAR_ResNet18` (models/resnet.py).
+
+Reproduced with the reference's quirks, because the paper's numbers come from this network:
+1. The stem is post-activated (conv3x3 -> BN -> ReLU) and is followed by pre-activation blocks,
+   so the first block applies BN -> ReLU a second time.
+2. The identity shortcut carries the block's *pre-activated* input relu(bn1(x)), not x: the
+   reference always defines `self.shortcut = nn.Sequential()` and applies it to the activated
+   tensor (kuangliu's original uses x when there is no projection).
+3. The projection shortcut is a bare 1x1 conv (no BN), also fed the pre-activated input.
+4. There is no final BN -> ReLU before pooling, unlike He et al.'s PreAct ResNet.
+5. The pooling is `avg_pool2d(out, 4)`: it assumes a 32x32 input (4x4 final map); other sizes
+   are refused with a clear error here rather than a shape mismatch in the linear layer.
+6. PyTorch's default initialisation; the linear head has a bias.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cskd.models import Classifier, register_model
+
+
+class PreActBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out)  # quirk 2: the activated input, also for the identity
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class CifarPreActResNet(Classifier):
+    def __init__(self, num_blocks: list[int], num_classes: int):
+        super().__init__()
+        self.in_planes = 64
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.layer1 = self._make_layer(64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(512, num_blocks[3], 2)
+        self.head = nn.Linear(512, num_classes)
+
+    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        layers = []
+        for s in [stride] + [1] * (blocks - 1):
+            layers.append(PreActBlock(self.in_planes, planes, s))
+            self.in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (32, 32):
+            raise ValueError(f"preact_resnet18 expects 32x32 inputs (reference avg_pool2d(out, 4)), got {tuple(x.shape[-2:])}")
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return F.avg_pool2d(out, 4).flatten(1)
+
+
+@register_model("preact_resnet18")
+def preact_resnet18(num_classes: int) -> Classifier:
+    """The CS-KD paper's network for CIFAR-100 and TinyImageNet (reference `CIFAR_ResNet18`)."""
+    return CifarPreActResNet([2, 2, 2, 2], num_classes)

@@ -1,0 +1,1 @@
+"""Convert datasets as distributed into FFCV files: DIR/train.beton, DIR/test.beton, DIR/meta.json."""

@@ -1,0 +1,33 @@
+"""Shared fixtures: the real mnist5k dataset prepared once per session, and a CLI runner."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def mnist_dir(tmp_path_factory) -> Path:
+    from datasets_prep.__main__ import main as prep
+
+    out = tmp_path_factory.mktemp("data") / "mnist5k"
+    assert prep(["mnist5k", "--out", str(out)]) == 0
+    return out
+
+
+def run_cli(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO):
+    """Run `python <args>` in a fresh process (as users do); never waits past `timeout`."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=cwd)
+
+
+def train_args(mnist_dir: Path, out_dir: Path, *overrides: str) -> list[str]:
+    """A fast CPU config on mnist5k: small_cnn, 1 epoch, one thread."""
+    return ["-m", "cskd.train", "--config", str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
+            f"data.path={mnist_dir}", f"out_dir={out_dir}", "epochs=1", "threads=1", *overrides]

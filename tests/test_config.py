@@ -1,0 +1,80 @@
+import pytest
+
+from cskd.config import diff_keys, dump_yaml, from_dict, identity_dict, load_config, to_dict
+from cskd.errors import ConfigError
+
+
+def test_defaults_are_the_reference_recipe():
+    cfg = load_config()
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (0.1, 0.9, 1e-4, 128, 200)
+    cskd = load_config(None, ["method=cskd"]).method_params
+    assert (cskd.temperature, cskd.lam, cskd.exclude_self) == (4.0, 1.0, False)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model: small_cnn\nepochs: 5\ndata:\n  path: /x\ncskd:\n  lam: 3\n")
+    cfg = load_config(str(path), ["epochs=7", "method=cskd", "lr=5e-2", "weight_decay=1e-4", "cskd.temperature=2"])
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.data.path) == ("small_cnn", 7, 0.05, "/x")
+    assert (cfg.method_params.lam, cfg.method_params.temperature) == (3.0, 2.0)
+    assert isinstance(cfg.weight_decay, float)  # YAML reads 1e-4 as a string; coerced
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(ConfigError, match=r"unknown config key 'lrr'.*did you mean: lr"):
+        load_config(None, ["lrr=0.1"])
+    with pytest.raises(ConfigError, match=r"'data.pth'.*data.path"):
+        load_config(None, ["data.pth=x"])
+    with pytest.raises(ConfigError, match=r"'cskd.temprature'.*cskd.temperature"):
+        load_config(None, ["method=cskd", "cskd.temprature=2"])
+
+
+def test_unknown_key_in_file_names_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"'epoch' from .*c.yaml.*epochs"):
+        load_config(str(path))
+
+
+def test_wrong_types():
+    with pytest.raises(ConfigError, match=r"'epochs' expects int, got 'ten'"):
+        load_config(None, ["epochs=ten"])
+    with pytest.raises(ConfigError, match=r"'epochs' expects int, got 2.5"):
+        load_config(None, ["epochs=2.5"])
+    with pytest.raises(ConfigError, match=r"'amp' expects bool"):
+        load_config(None, ["amp=maybe"])
+    with pytest.raises(ConfigError, match=r"'data' is a section"):
+        load_config(None, ["data=3"])
+
+
+def test_names_and_ranges():
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet'; valid models: preact_resnet18, small_cnn"):
+        load_config(None, ["model=resnet"])
+    with pytest.raises(ConfigError, match=r"unknown method 'kd'; valid methods: ce, cskd"):
+        load_config(None, ["method=kd"])
+    with pytest.raises(ConfigError, match=r"'lr_schedule' must be one of"):
+        load_config(None, ["lr_schedule=cosine"])
+    with pytest.raises(ConfigError, match=r"'batch_size' must be > 0"):
+        load_config(None, ["batch_size=0"])
+    with pytest.raises(ConfigError, match=r"'cskd.temperature' must be > 0"):
+        load_config(None, ["method=cskd", "cskd.temperature=0"])
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("a: [1\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        load_config(None, ["epochs"])
+
+
+def test_round_trip_and_identity():
+    cfg = load_config(None, ["method=cskd", "cskd.lam=2", "threads=3", "out_dir=/a"])
+    again = from_dict(to_dict(cfg))
+    assert dump_yaml(again) == dump_yaml(cfg)
+    other = load_config(None, ["method=cskd", "cskd.lam=2", "threads=1", "out_dir=/b"])
+    assert identity_dict(cfg) == identity_dict(other)  # runtime-only keys do not change a run
+    assert diff_keys(identity_dict(cfg), identity_dict(load_config(None, ["method=cskd"]))) == ["cskd.lam"]
+    assert "cskd" not in to_dict(load_config(None, ["cskd.lam=2"]))  # inactive method sections are dropped

@@ -1,0 +1,130 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from cskd import checkpoint
+from cskd.config import load_config
+from cskd.errors import NonFiniteLossError
+from cskd.methods import METHODS, Method, StepOutput
+from conftest import REPO, run_cli, train_args
+
+
+def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2"))
+    assert res.returncode == 0, res.stderr
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["method"] == "cskd" and saved["cskd"] == {"temperature": 4.0, "lam": 1.0, "exclude_self": False}
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [0, 1]
+    assert {"ce", "cls", "loss", "top1_err", "images_per_s"} <= set(lines[0]["train"])
+    summary = json.loads((out / "summary.json").read_text())
+    keys = {"top1_err", "top5_err", "nll", "ece", "aurc", "eaurc", "r_at_1"}
+    assert keys <= set(summary["final"]) and keys <= set(summary["best"])
+    assert summary["final"]["samples"] == 1000 and summary["final"]["epoch"] == 1
+    assert summary["best"]["top1_err"] == min(l["test"]["top1_err"] for l in lines)
+    assert {"epochs", "wall_s", "train_images_per_s", "world_size", "device"} <= set(summary)
+    assert summary["final"]["top1_err"] < 60  # it learned something in 2 epochs (chance: 90%)
+    assert (out / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "checkpoint.pt").exists() and not list(out.glob(".*tmp"))
+    assert "\x1b[" not in res.stdout and "\r" not in res.stdout  # plain log lines, not a bar, in a pipe
+
+    again = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2"))
+    assert again.returncode == 0 and "already complete" in again.stdout
+
+    other = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2", "lr=0.05"))
+    assert other.returncode == 2
+    assert "holds a run with a different config (differs in: lr)" in other.stderr and "--force" in other.stderr
+    forced = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=1", "lr=0.05", "--force"))
+    assert forced.returncode == 0, forced.stderr
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["epochz=3"], "unknown config key 'epochz'"),
+    (["model=resnet99"], "valid models: preact_resnet18, small_cnn"),
+    (["method=pskd"], "valid methods: ce, cskd"),
+    (["data.path=/nonexistent/mnist5k"], "prepare it with: python -m datasets_prep mnist5k --out /nonexistent/mnist5k"),
+])
+def test_bad_input_one_line_errors(mnist_dir, tmp_path, overrides, message):
+    res = run_cli(train_args(mnist_dir, tmp_path / "r", *overrides), timeout=120)
+    assert res.returncode == 2
+    assert message in res.stderr and res.stderr.startswith("error: ") and "Traceback" not in res.stderr
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
+def test_batch_size_must_divide_by_world_size(mnist_dir, tmp_path):
+    env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    res = run_cli(train_args(mnist_dir, tmp_path / "r", "batch_size=128"), timeout=120, env=env)
+    assert res.returncode == 2 and "batch_size=128 does not divide by the world size 3" in res.stderr
+
+
+class NanAfterFirstEpoch(Method):
+    """A test method: cross-entropy, then a NaN loss from epoch 1 on."""
+
+    def loss(self, model, batch):
+        logits = model(batch.images)
+        loss = torch.nn.functional.cross_entropy(logits, batch.labels)
+        return StepOutput(loss * float("nan") if batch.epoch >= 1 else loss, logits)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(mnist_dir, tmp_path, monkeypatch):
+    from cskd.train import main
+
+    monkeypatch.setitem(METHODS, "nan_test", NanAfterFirstEpoch)  # a method is just a registered class
+    out = tmp_path / "r"
+    cfg = load_config(str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
+                      [f"data.path={mnist_dir}", f"out_dir={out}", "method=nan_test", "epochs=3", "threads=1"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite in epoch 1 .*last good checkpoint is kept"):
+        main(cfg)
+    saved = checkpoint.load(out / "checkpoint.pt")
+    assert saved["epoch"] == 0
+    assert all(torch.isfinite(v).all() for v in saved["model"].values() if v.is_floating_point())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "summary.json").exists()
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(mnist_dir, tmp_path):
+    args = ["method=cskd", "epochs=4", "deterministic=true"]
+    straight = run_cli(train_args(mnist_dir, tmp_path / "a", *args))
+    assert straight.returncode == 0, straight.stderr
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, *train_args(mnist_dir, out, *args)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, "run ended or stalled before epoch 1"
+        time.sleep(0.1)
+    time.sleep(1.0)  # well into epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (out / "summary.json").exists()
+
+    resumed = run_cli(train_args(mnist_dir, out, *args))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stdout
+    a, b = (json.loads((d / "summary.json").read_text()) for d in (tmp_path / "a", out))
+    assert a["final"] == b["final"] and a["best"] == b["best"]
+    history = [json.loads(l)["test"] for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert history == [json.loads(l)["test"] for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_two_processes(mnist_dir, tmp_path):
+    out = tmp_path / "ddp"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m"]
+    args = train_args(mnist_dir, out, "method=cskd", "epochs=2")[1:]  # drop the "-m" of python -m
+    res = subprocess.run([*torchrun, *args], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert summary["final"]["samples"] == 1000  # sharded evaluation, every test sample exactly once
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["train"]["images"] for l in lines] == [4000, 4000]  # both ranks' anchors, each once
+    assert res.stdout.count("epoch 2/2 |") == 1  # only rank 0 reports
