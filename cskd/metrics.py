@@ -26,7 +26,8 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int) -> dict[str, list]:
     """Per-bin sample count, mean confidence and accuracy over equal-width bins (l, u] of [0, 1]."""
-    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64, device=confidence.device)
+    confidence, correct = confidence.cpu(), correct.cpu()  # CUDA bincount has no deterministic kernel
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
     which = torch.bucketize(confidence.double(), edges[1:-1], right=False)  # (l, u]; 0 falls in bin 0
     count = torch.bincount(which, minlength=n_bins).double()
     conf_sum = torch.bincount(which, weights=confidence.double(), minlength=n_bins)

@@ -277,7 +277,7 @@ def parse_args(argv=None) -> tuple[Config, bool]:
     parser.add_argument("--config", help="YAML config file (keys as in cskd/config.py)")
     parser.add_argument("--force", action="store_true", help="overwrite a run dir that holds another run")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. method=cskd cskd.lam=3")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the flags
     return load_config(args.config, args.overrides), args.force
 
 

@@ -42,7 +42,7 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
     other = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2", "lr=0.05"))
     assert other.returncode == 2
     assert "holds a run with a different config (differs in: lr)" in other.stderr and "--force" in other.stderr
-    forced = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=1", "lr=0.05", "--force"))
+    forced = run_cli(train_args(mnist_dir, out, "method=cskd", "--force", "epochs=1", "lr=0.05"))  # flags anywhere
     assert forced.returncode == 0, forced.stderr
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
