@@ -140,6 +140,24 @@ def _setup_run_dir(cfg: Config, env: D.DistEnv, force: bool) -> str:
     return value
 
 
+def _restore(cfg: Config, env: D.DistEnv, state: dict, model, optimizer, scheduler, method) -> dict:
+    """Load the run dir's checkpoint into the objects; return the saved progress (`state`'s keys)."""
+    saved = ckpt.load(os.path.join(cfg.out_dir, rundir.CHECKPOINT))
+    model.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    method.load_state_dict(saved["method"])
+    if len(saved["rng"]) == env.world_size:
+        ckpt.set_rng_state(saved["rng"][env.rank])
+    elif env.is_main:
+        log(f"warning: resuming a {len(saved['rng'])}-process run with {env.world_size} processes; "
+            f"the run will not match an uninterrupted one exactly")
+    if env.is_main:
+        rundir.rewrite_metrics(cfg.out_dir, saved["history"])  # drop lines of a half-finished epoch
+        log(f"resuming {cfg.out_dir} after epoch {saved['epoch'] + 1}/{cfg.epochs}")
+    return {k: saved[k] for k in state}
+
+
 def main(cfg: Config, force: bool = False) -> dict | None:
     """Run (or resume, or report) the training described by `cfg`; returns the summary on rank 0."""
     _, world_size, _ = D.read_env()
@@ -195,20 +213,7 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
     state = {"epoch": -1, "history": [], "best": None, "final_bins": None, "wall_s": 0.0, "train_s": 0.0,
              "train_images": 0}
     if status == "resume":
-        saved = ckpt.load(os.path.join(cfg.out_dir, rundir.CHECKPOINT))
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        method.load_state_dict(saved["method"])
-        if len(saved["rng"]) == env.world_size:
-            ckpt.set_rng_state(saved["rng"][env.rank])
-        elif env.is_main:
-            log(f"warning: resuming a {len(saved['rng'])}-process run with {env.world_size} processes; "
-                f"the run will not match an uninterrupted one exactly")
-        state = {k: saved[k] for k in state}
-        if env.is_main:
-            rundir.rewrite_metrics(cfg.out_dir, state["history"])
-            log(f"resuming {cfg.out_dir} after epoch {state['epoch'] + 1}/{cfg.epochs}")
+        state = _restore(cfg, env, state, model, optimizer, scheduler, method)
 
     net = model
     if env.distributed:
