@@ -50,9 +50,11 @@ def _label(method: str, combo: dict) -> str:
     return "".join([method, *(f"-{k.split('.')[-1]}{v}" for k, v in combo.items() if k not in NAMING_KEYS)])
 
 
-def expand(grid_path: Path, out: Path | None) -> tuple[str, list[Run]]:
-    """The runs of a grid YAML, each with a resolved config and its run dir set."""
+def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
+    """The output root and the runs of a grid YAML, each with a resolved config and its run dir set."""
     grid = yaml.safe_load(grid_path.read_text()) or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"grid {grid_path} must hold a mapping (name, base, axes, overrides, seeds)")
     unknown = set(grid) - GRID_KEYS
     if unknown:
         raise ConfigError(f"grid {grid_path}: unknown key(s) {', '.join(sorted(unknown))}; valid: "
@@ -81,7 +83,7 @@ def expand(grid_path: Path, out: Path | None) -> tuple[str, list[Run]]:
             cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / label / f"seed{seed}")
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
             runs.append(Run(cfg, digest))
-    return name, runs
+    return out, runs
 
 
 def ensure_data(path: str) -> None:
@@ -152,8 +154,7 @@ def main(argv=None) -> int:
     try:
         if not args.grid.is_file():
             raise ConfigError(f"grid file {args.grid} does not exist")
-        name, runs = expand(args.grid, args.out)
-        root = args.out or REPO / "runs" / name
+        root, runs = expand(args.grid, args.out)
         threads = max(1, (os.cpu_count() or 1) // max(args.parallel, 1))
         for run in runs:
             run.config.threads = run.config.threads or threads
