@@ -166,7 +166,9 @@ def main(cfg: Config, force: bool = False) -> dict | None:
                           f"the global batch is split evenly over ranks, so use a multiple of {world_size}")
     env = D.init_distributed(cfg.device)
     try:
-        return _run(cfg, env, force)
+        result = _run(cfg, env, force)
+        D.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort
+        return result
     finally:
         D.shutdown()
 
