@@ -39,8 +39,12 @@ def reliability_bins(confidence: torch.Tensor, correct: torch.Tensor, n_bins: in
 
 def ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = 20) -> float:
     """Expected calibration error in %: sum over bins of |B|/n * |acc(B) - conf(B)|."""
-    bins = reliability_bins(confidence, correct, n_bins)
-    n = len(confidence)
+    return ece_from_bins(reliability_bins(confidence, correct, n_bins))
+
+
+def ece_from_bins(bins: dict[str, list]) -> float:
+    """ECE in % from `reliability_bins` output (so a caller that needs both bins them once)."""
+    n = sum(bins["count"])
     return 100.0 * sum(c / n * abs(a - p) for c, a, p in zip(bins["count"], bins["accuracy"], bins["confidence"]))
 
 
@@ -87,13 +91,14 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, features:
     confidence, prediction = probs.max(dim=1)
     correct = prediction == labels
     aurc, eaurc = aurc_eaurc(confidence, correct)
+    bins = reliability_bins(confidence, correct, n_bins)
     metrics = {
         "top1_err": top_k_error(logits, labels, 1),
         "top5_err": top_k_error(logits, labels, 5),
         "nll": nll(logits, labels),
-        "ece": ece(confidence, correct, n_bins),
+        "ece": ece_from_bins(bins),
         "aurc": aurc,
         "eaurc": eaurc,
         "r_at_1": recall_at_1(features, labels),
     }
-    return metrics, reliability_bins(confidence, correct, n_bins)
+    return metrics, bins
