@@ -30,3 +30,28 @@ def reliability_diagram(bins: dict, path: str | Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def reliability_overlay(curves: dict[str, dict], path: str | Path, title: str) -> None:
+    """Several reliability curves on one diagram, against the diagonal; written atomically.
+
+    `curves` maps a legend label to reliability bins (`cskd.metrics.reliability_bins` output); each
+    curve joins (mean confidence, accuracy) of the non-empty bins.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
+    for label, bins in curves.items():
+        filled = [i for i, c in enumerate(bins["count"]) if c > 0]  # an empty bin has no accuracy to show
+        ax.plot([bins["confidence"][i] for i in filled], [bins["accuracy"][i] for i in filled], marker="o",
+                markersize=4, label=label)
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="best", fontsize="small")  # curves can lie on either side of the diagonal
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)

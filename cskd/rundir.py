@@ -28,6 +28,19 @@ def _saved_identity(path: Path) -> dict:
         raise RunDirError(f"{path} cannot be read as a cskd config ({e}); use another out_dir, or --force") from None
 
 
+def check_same_config(cfg: config_mod.Config) -> None:
+    """Raise RunDirError if `cfg.out_dir` holds a run of another config (runtime keys aside)."""
+    out = Path(cfg.out_dir)
+    saved = out / CONFIG
+    if saved.exists():
+        differs = config_mod.diff_keys(_saved_identity(saved), config_mod.identity_dict(cfg))
+        if differs:
+            raise RunDirError(f"{out} holds a run with a different config (differs in: {', '.join(differs)}); "
+                              f"use another out_dir, or pass --force to overwrite it")
+    elif any((out / name).exists() for name in ARTIFACTS):
+        raise RunDirError(f"{out} holds run files but no {CONFIG}; use another out_dir, or pass --force")
+
+
 def prepare(cfg: config_mod.Config, force: bool) -> str:
     """Decide what to do with `cfg.out_dir`: 'new', 'resume' or 'complete'; writes config.yaml."""
     out = Path(cfg.out_dir)
@@ -35,17 +48,12 @@ def prepare(cfg: config_mod.Config, force: bool) -> str:
         for name in ARTIFACTS:
             (out / name).unlink(missing_ok=True)
     saved = out / CONFIG
+    check_same_config(cfg)
     if saved.exists():
-        differs = config_mod.diff_keys(_saved_identity(saved), config_mod.identity_dict(cfg))
-        if differs:
-            raise RunDirError(f"{out} holds a run with a different config (differs in: {', '.join(differs)}); "
-                              f"use another out_dir, or pass --force to overwrite it")
         if (out / SUMMARY).exists():
             return "complete"
         if (out / CHECKPOINT).exists():
             return "resume"
-    elif any((out / name).exists() for name in ARTIFACTS):
-        raise RunDirError(f"{out} holds run files but no {CONFIG}; use another out_dir, or pass --force")
     write_text(saved, config_mod.dump_yaml(cfg))
     return "new"
 

@@ -1,13 +1,15 @@
-"""Run a seeded grid of training runs and print the results table.
+"""Run a seeded grid of training runs on Slurm (one job array) or on this machine, then tabulate.
 
-    python launch/grid.py                      # the demo grid (grids/demo.yaml) on this machine
-    python launch/grid.py --grid G.yaml [--out DIR] [--parallel N] [--force] [--dry-run]
+    python launch/grid.py                                   # the demo grid, on this machine
+    python launch/grid.py --grid G.yaml --partition gpu [--nodes N --gpus-per-node G --time 1-00:00 ...]
+                          [--out DIR] [--dry-run] [--force] [--wait]
 
-A grid YAML names a base config, axes (dotted config keys -> lists, crossed), fixed overrides and
-seeds. Every run gets a readable dir `<out>/<dataset>/<model>/<method>[-<hparams>]/seed<k>/`
-and an identity (a hash of its resolved config). Finished runs are skipped; unfinished ones resume
-from their checkpoint. Jobs go through a submitit executor (the local one here), so a Slurm
-executor slots in without changing how runs are described.
+A grid YAML names a base config, axes (dotted config keys -> lists, crossed), fixed overrides,
+rules (overrides for the runs matching some values, e.g. lambda=3 on fine-grained sets), seeds and
+Slurm resources. Every run gets an identity (a hash of its resolved config) and a readable run dir
+`<out>/<dataset>/<model>/<method>[-<hparams>]/seed<k>/`. Re-running the same command skips runs that
+are done or whose recorded job is still pending/running, and submits the rest; runs resume from
+their checkpoint however they were stopped.
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +27,15 @@ import yaml
 from cskd import rundir
 from cskd.config import Config, identity_dict, load_config, to_dict
 from cskd.errors import ConfigError, CskdError, DataError
-from cskd.job import TrainJob
+from launch import runs, slurm, submit
 from launch.collect import report
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_GRID = REPO / "grids" / "demo.yaml"
-GRID_KEYS = {"name", "base", "axes", "overrides", "seeds"}
+GRID_KEYS = {"name", "base", "axes", "overrides", "rules", "seeds", "resources"}
 NAMING_KEYS = ("method", "model", "data.path", "seed")  # already in the run dir's path
+RESOURCE_FLAGS = ("partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "time",
+                  "array_parallelism")
 
 
 @dataclass
@@ -50,40 +53,92 @@ def _label(method: str, combo: dict) -> str:
     return "".join([method, *(f"-{k.split('.')[-1]}{v}" for k, v in combo.items() if k not in NAMING_KEYS)])
 
 
-def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
-    """The output root and the runs of a grid YAML, each with a resolved config and its run dir set."""
+def _flat(cfg: Config) -> dict:
+    flat = {}
+    for key, value in to_dict(cfg).items():
+        flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
+
+
+def _rule_overrides(rules: list, cfg: Config, where: str) -> list[str]:
+    """`key=value` overrides of every rule whose `if` matches the config (a list value = any of)."""
+    flat, extra = _flat(cfg), []
+    for i, rule in enumerate(rules):
+        if not isinstance(rule, dict) or set(rule) != {"if", "set"}:
+            raise ConfigError(f"{where}: rules[{i}] must have exactly the keys 'if' and 'set'")
+        for key in rule["if"]:
+            if key not in flat:
+                raise ConfigError(f"{where}: rules[{i}] tests unknown config key '{key}'")
+        if all(flat[k] in (v if isinstance(v, list) else [v]) for k, v in rule["if"].items()):
+            extra += [f"{k}={json.dumps(v)}" for k, v in rule["set"].items()]
+    return extra
+
+
+def load_grid(grid_path: Path) -> dict:
     grid = yaml.safe_load(grid_path.read_text()) or {}
     if not isinstance(grid, dict):
-        raise ConfigError(f"grid {grid_path} must hold a mapping (name, base, axes, overrides, seeds)")
+        raise ConfigError(f"grid {grid_path} must hold a mapping ({', '.join(sorted(GRID_KEYS))})")
     unknown = set(grid) - GRID_KEYS
     if unknown:
         raise ConfigError(f"grid {grid_path}: unknown key(s) {', '.join(sorted(unknown))}; valid: "
                           f"{', '.join(sorted(GRID_KEYS))}")
-    name = grid.get("name", grid_path.stem)
+    for key, values in (grid.get("axes") or {}).items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"grid {grid_path}: axis '{key}' must be a non-empty list, got {values!r}")
+    seeds = grid.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ConfigError(f"grid {grid_path}: 'seeds' must be a non-empty list of integers")
+    if not isinstance(grid.get("rules") or [], list):
+        raise ConfigError(f"grid {grid_path}: 'rules' must be a list of {{if: {{...}}, set: {{...}}}}")
+    return grid
+
+
+def grid_name(grid_path: Path) -> str:
+    return str(load_grid(grid_path).get("name", grid_path.stem))
+
+
+def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
+    """The output root and the runs of a grid YAML, each with a resolved config and its run dir set."""
+    grid = load_grid(grid_path)
     base = grid.get("base")
     base_path = None if base is None else str((grid_path.parent / base) if not Path(base).is_absolute() else base)
     if base_path and not Path(base_path).exists() and (REPO / base).exists():
         base_path = str(REPO / base)  # grids name their base relative to the repo root
     axes = grid.get("axes") or {}
-    for key, values in axes.items():
-        if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid {grid_path}: axis '{key}' must be a non-empty list, got {values!r}")
-    seeds = grid.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds:
-        raise ConfigError(f"grid {grid_path}: 'seeds' must be a non-empty list of integers")
     fixed = [f"{k}={json.dumps(v)}" for k, v in (grid.get("overrides") or {}).items()]
-    out = out or REPO / "runs" / name
-    runs = []
+    out = Path(out or REPO / "runs" / grid_name(grid_path)).absolute()  # jobs may start in another directory
+    result = []
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))
-        for seed in seeds:
+        for seed in grid.get("seeds", [0]):
             overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in combo.items()] + [f"seed={seed}"]
             cfg = load_config(base_path, overrides)
-            label = _label(cfg.method, combo)
-            cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / label / f"seed{seed}")
+            ruled = _rule_overrides(grid.get("rules") or [], cfg, str(grid_path))
+            cfg = load_config(base_path, overrides + ruled) if ruled else cfg
+            cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / _label(cfg.method, combo) / f"seed{seed}")
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-            runs.append(Run(cfg, digest))
-    return out, runs
+            result.append(Run(cfg, digest))
+    return out, result
+
+
+def resources_of(grid_path: Path, args: argparse.Namespace) -> slurm.Resources:
+    """The grid's `resources:` with the command line's flags on top."""
+    section = dict(load_grid(grid_path).get("resources") or {})
+    if "time" in section:
+        section["time_min"] = section.pop("time")
+    for flag in RESOURCE_FLAGS:
+        if getattr(args, flag) is not None:
+            section["time_min" if flag == "time" else flag] = getattr(args, flag)
+    if args.sbatch:
+        section["sbatch"] = {**(section.get("sbatch") or {}), **dict(_key_value(s) for s in args.sbatch)}
+    return slurm.make_resources(section, str(grid_path))
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not key or key.startswith("-"):
+        raise ConfigError(f"--sbatch {text!r}: write sbatch flags as name=value without dashes, e.g. account=abc")
+    return key, (value if sep else True)
 
 
 def ensure_data(path: str) -> None:
@@ -103,84 +158,135 @@ def ensure_data(path: str) -> None:
         open_dataset(path)
 
 
-def _failure_reason(job, error: Exception) -> str:
-    """The exception line a failed job printed last (e.g. 'ConfigError: ...'), else submitit's message."""
-    try:
-        lines = [l for l in job.paths.stderr.read_text().splitlines() if l.strip()]
-    except OSError:
-        lines = []
-    last = lines[-1] if lines else (str(error).strip().splitlines() or [type(error).__name__])[-1]
-    return last.removeprefix("cskd.errors.")
+def plan(all_runs: list[Run], force: bool) -> tuple[list[Run], list[str]]:
+    """Print one line per run; return the runs to submit and the active jobs that --force replaces."""
+    status = runs.statuses([r.out_dir for r in all_runs])
+    todo, replaced = [], []
+    for run in all_runs:
+        s = status[run.out_dir]
+        busy = s.state in ("pending", "running")
+        if force or not (busy or s.state == "done"):
+            todo.append(run)
+            if busy and s.job_id:
+                replaced.append(s.job_id)
+            note = f" (was {s.state}{': ' + s.detail if s.detail else ''})" if s.state not in ("missing",) else ""
+            print(f"todo   {run.run_id} {run.out_dir}{note}")
+        else:
+            print(f"skip   {run.run_id} {run.out_dir} ({s.state}{', job ' + s.job_id if s.job_id else ''})")
+    return todo, replaced
 
 
-def run_local(runs: list[Run], parallel: int, log_dir: Path) -> list[tuple[Run, str]]:
-    """Run jobs through submitit's local executor, at most `parallel` at a time; return failures."""
-    import submitit
-
-    executor = submitit.LocalExecutor(folder=log_dir / "%j")
-    executor.update_parameters(timeout_min=7 * 24 * 60)  # local default is 2 minutes
-    waiting, running, failures = list(runs), [], []
-    try:
-        while waiting or running:
-            while waiting and len(running) < parallel:
-                run = waiting.pop(0)
-                running.append((run, executor.submit(TrainJob(to_dict(run.config)))))
-            time.sleep(0.5)
-            for run, job in [r for r in running if r[1].done()]:
-                running.remove((run, job))
-                try:
-                    job.result()
-                    print(f"done    {run.out_dir}", flush=True)
-                except Exception as e:  # a failed run is reported and does not stop the others
-                    failures.append((run, f"{_failure_reason(job, e)} (log: {job.paths.stderr})"))
-                    print(f"FAILED  {run.out_dir}: {failures[-1][1]}", flush=True)
-    except KeyboardInterrupt:
-        for _, job in running:
-            job.cancel(check=False)
-        print("\ninterrupted: running jobs cancelled; re-run the same command to resume them", flush=True)
-        raise SystemExit(130)
-    return failures
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python launch/grid.py", description=__doc__.splitlines()[0])
+    p.add_argument("--grid", type=Path, default=DEMO_GRID, help="grid YAML (default: the demo grid)")
+    p.add_argument("--out", type=Path, help="output root (default: runs/<grid name>)")
+    slurm_group = p.add_argument_group("Slurm (overrides the grid's resources:)")
+    slurm_group.add_argument("--partition", help="submit to this Slurm partition (no partition: run locally)")
+    for flag, kind in (("nodes", int), ("gpus_per_node", int), ("tasks_per_node", int), ("cpus_per_task", int),
+                       ("mem_gb", float), ("array_parallelism", int)):
+        slurm_group.add_argument("--" + flag.replace("_", "-"), dest=flag, type=kind)
+    slurm_group.add_argument("--time", help="time limit per job: minutes or D-HH:MM:SS")
+    slurm_group.add_argument("--sbatch", action="append", metavar="NAME=VALUE",
+                             help="extra sbatch flag, e.g. --sbatch account=abc --sbatch qos=high (repeatable)")
+    p.add_argument("--local", action="store_true", help="run here even if the grid names a partition")
+    p.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) // 2),
+                   help="local runs at a time (default: half the cores); each gets cores/parallel threads")
+    p.add_argument("--force", action="store_true", help="redo finished runs and replace queued ones")
+    p.add_argument("--dry-run", action="store_true", help="list the runs and the Slurm request, submit nothing")
+    p.add_argument("--wait", action="store_true", help="with Slurm: wait for the jobs, then print the table")
+    return p
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python launch/grid.py", description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", type=Path, default=DEMO_GRID, help="grid YAML (default: the demo grid)")
-    parser.add_argument("--out", type=Path, help="output root (default: runs/<grid name>)")
-    parser.add_argument("--parallel", type=int, default=max(1, (os.cpu_count() or 2) // 2),
-                        help="local runs at a time (default: half the cores); each gets cores/parallel threads")
-    parser.add_argument("--force", action="store_true", help="redo finished runs too")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs, run nothing")
-    args = parser.parse_args(argv)
+    args = _parser().parse_args(argv)
     try:
         if not args.grid.is_file():
             raise ConfigError(f"grid file {args.grid} does not exist")
-        root, runs = expand(args.grid, args.out)
-        threads = max(1, (os.cpu_count() or 1) // max(args.parallel, 1))
-        for run in runs:
-            run.config.threads = run.config.threads or threads
-        todo = []
-        for run in runs:
-            done = (run.out_dir / rundir.SUMMARY).exists()
-            print(f"{'skip  ' if done and not args.force else 'todo  '} {run.run_id} {run.out_dir}")
-            if args.force or not done:
-                todo.append(run)
-        if args.dry_run:
-            return 0
-        for path in sorted({r.config.data.path for r in todo}):
-            ensure_data(path)
-        for run in todo if args.force else ():
-            for artifact in rundir.ARTIFACTS:
-                (run.out_dir / artifact).unlink(missing_ok=True)
-        failures = run_local(todo, args.parallel, root / "logs") if todo else []
+        root, all_runs = expand(args.grid, args.out)
+        resources = resources_of(args.grid, args)
+        on_slurm = resources.partition is not None and not args.local
+        if on_slurm:
+            return launch_slurm(args, root, all_runs, resources)
+        return launch_local(args, root, all_runs)
     except CskdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _check_runs(args, all_runs: list[Run], world_size: int) -> None:
+    """Checks that need no scheduler; they refuse before anything is submitted."""
+    for run in all_runs:
+        if run.config.batch_size % world_size:
+            raise ConfigError(f"{run.out_dir}: batch_size={run.config.batch_size} does not divide by the "
+                              f"{world_size} processes of the request (nodes x tasks per node)")
+        if not args.force:
+            rundir.check_same_config(run.config)
+
+
+def _start(args, root: Path, all_runs: list[Run], todo: list[Run]) -> None:
+    """Data, --force cleanup and the manifest, just before submission."""
+    for path in sorted({r.config.data.path for r in todo}):
+        ensure_data(path)
+    for run in todo if args.force else ():
+        for artifact in (*rundir.ARTIFACTS, runs.JOB_RECORD):
+            (run.out_dir / artifact).unlink(missing_ok=True)
+    runs.write_manifest(root, grid_name(args.grid), [
+        {"run_id": r.run_id, "dir": str(r.out_dir.relative_to(root)), "dataset": Path(r.config.data.path).name,
+         "model": r.config.model, "method": r.out_dir.parent.name, "seed": r.config.seed} for r in all_runs])
+
+
+def launch_slurm(args, root: Path, all_runs: list[Run], resources: slurm.Resources) -> int:
+    print(f"Slurm request per run: sbatch {' '.join(resources.sbatch_flags())} (one job array)")
+    _check_runs(args, all_runs, resources.nodes * resources.ntasks_per_node)
+    try:
+        slurm.check_reachable()
+        slurm.validate(resources)  # refused requests fail here, before anything is submitted
+    except slurm.SlurmError as e:
+        if not args.dry_run:
+            raise
+        print(f"note: the request was not checked with Slurm: {e}")
+    for run in all_runs:
+        run.config.threads = run.config.threads or (resources.cpus_per_task or 0)
+    todo, replaced = plan(all_runs, args.force)
+    if args.dry_run or not todo:
+        print("nothing to submit" if not todo else f"dry run: {len(todo)} run(s) would be submitted")
+        return 0 if args.dry_run else _finish(root, args.wait, all_runs)
+    if replaced:
+        print(f"--force: cancelling {len(replaced)} queued job(s) of these runs: {' '.join(replaced)}")
+        slurm.cancel(replaced)
+    _start(args, root, all_runs, todo)
+    job_ids = submit.submit_slurm(todo, resources, root / "logs", grid_name(args.grid))
+    print(f"submitted {len(job_ids)} run(s) as job array {job_ids[0].split('_')[0]} "
+          f"(at most {resources.array_parallelism} at a time); logs in {root / 'logs'}")
+    if not args.wait:
+        print(f"status: python launch/collect.py {root} --status    table: python launch/collect.py {root}")
+        return 0
+    return _finish(root, True, all_runs)
+
+
+def launch_local(args, root: Path, all_runs: list[Run]) -> int:
+    threads = max(1, (os.cpu_count() or 1) // max(args.parallel, 1))
+    for run in all_runs:
+        run.config.threads = run.config.threads or threads
+    _check_runs(args, all_runs, 1)
+    todo, _ = plan(all_runs, args.force)
+    if args.dry_run:
+        return 0
+    _start(args, root, all_runs, todo)
+    submit.run_local(todo, args.parallel, root / "logs")
+    return _finish(root, False, all_runs)
+
+
+def _finish(root: Path, wait: bool, all_runs: list[Run]) -> int:
+    """Wait for Slurm jobs (if asked), print the table and every run that did not finish."""
+    status = submit.wait([r.out_dir for r in all_runs]) if wait else runs.statuses([r.out_dir for r in all_runs])
     print()
     print(report(root), end="")
     print(f"written: {root / 'results.md'}, {root / 'results.csv'}")
-    for run, why in failures:
-        print(f"failed: {run.out_dir}: {why}", file=sys.stderr)
-    return 1 if failures else 0
+    bad = [(d, s) for d, s in status.items() if s.state != "done"]
+    for d, s in bad:
+        print(f"{s.state}: {d}: {s.detail}" + (f" (log: {s.log})" if s.log else ""), file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,5 @@
 import csv
 import json
-import sys
 
 import pytest
 import yaml
@@ -37,17 +36,42 @@ def test_demo_grid_cskd_beats_ce_on_every_paired_seed(tmp_path):
 
 
 def test_failed_run_is_reported_and_others_finish(mnist_dir, tmp_path):
+    """A rule sends CS-KD's learning rate through the roof: that run fails, CE finishes, both are reported."""
+    grid = write_grid(tmp_path / "g.yaml", name="g", base=str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
+                      overrides={"data.path": str(mnist_dir), "epochs": 1}, axes={"method": ["ce", "cskd"]},
+                      rules=[{"if": {"method": "cskd"}, "set": {"lr": 1e30}}], seeds=[0])
+    out = tmp_path / "out"
+    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out)], timeout=600)
+    assert res.returncode == 1
+    assert "FAILED" in res.stdout and "NonFiniteLossError" in res.stdout and "log:" in res.stdout
+    assert (out / "mnist5k" / "small_cnn" / "ce" / "seed0" / "summary.json").exists()
+    failed = yaml.safe_load((out / "mnist5k" / "small_cnn" / "cskd" / "seed0" / "config.yaml").read_text())
+    assert failed["lr"] == 1e30
+    assert "failed" in res.stderr and "cskd/seed0" in res.stderr
+    assert "ce" in (out / "results.md").read_text()
+    status = run_cli([str(REPO / "launch" / "collect.py"), str(out), "--status"], timeout=120)
+    assert status.returncode == 0 and "NonFiniteLossError" in status.stdout, status.stdout + status.stderr
+
+    again = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out), "--dry-run"], timeout=120)
+    lines = again.stdout.splitlines()
+    assert any(l.startswith("skip") and "/ce/seed0" in l for l in lines)
+    assert any(l.startswith("todo") and "/cskd/seed0 (was failed: NonFiniteLossError" in l for l in lines), lines
+
+
+def test_run_dir_of_another_config_is_refused_before_anything_runs(mnist_dir, tmp_path):
     grid = write_grid(tmp_path / "g.yaml", name="g", base=str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
                       overrides={"data.path": str(mnist_dir), "epochs": 1}, axes={"method": ["ce", "cskd"]},
                       seeds=[0])
-    blocked = tmp_path / "out" / "mnist5k" / "small_cnn" / "ce" / "seed0"
+    blocked = tmp_path / "out" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
     blocked.mkdir(parents=True)
-    (blocked / "config.yaml").write_text("method: ce\nepochs: 99\n")  # someone else's run
-    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(tmp_path / "out")], timeout=600)
-    assert res.returncode == 1
-    assert "FAILED" in res.stdout and "holds a run with a different config" in res.stdout and "log:" in res.stdout
-    assert (tmp_path / "out" / "mnist5k" / "small_cnn" / "cskd" / "seed0" / "summary.json").exists()
-    assert "cskd" in (tmp_path / "out" / "results.md").read_text()
+    (blocked / "config.yaml").write_text("method: cskd\nepochs: 99\n")  # someone else's run
+    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(tmp_path / "out")],
+                  timeout=300)
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "holds a run with a different config (differs in: " in res.stderr and "epochs" in res.stderr
+    assert "--force" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "out" / "mnist5k" / "small_cnn" / "ce").exists()  # nothing started
+    assert not (tmp_path / "out" / "grid.json").exists()
 
 
 def test_dry_run_lists_runs_with_identities(tmp_path):
@@ -58,12 +82,46 @@ def test_dry_run_lists_runs_with_identities(tmp_path):
     assert lines[0][2].endswith("mnist5k/small_cnn/ce/seed0") and not (tmp_path / "mnist5k").exists()
 
 
+BASE = "configs/mnist5k_small_cnn.yaml"
+
+
 @pytest.mark.parametrize("grid, message", [
-    ({"base": "configs/mnist5k_small_cnn.yaml", "axis": {"method": ["ce"]}}, "unknown key(s) axis"),
-    ({"base": "configs/mnist5k_small_cnn.yaml", "axes": {"method": []}}, "axis 'method' must be a non-empty list"),
-    ({"base": "configs/mnist5k_small_cnn.yaml", "axes": {"lrr": [0.1]}}, "unknown config key 'lrr'"),
+    ({"base": BASE, "axis": {"method": ["ce"]}}, "unknown key(s) axis"),
+    ({"base": BASE, "axes": {"method": []}}, "axis 'method' must be a non-empty list"),
+    ({"base": BASE, "axes": {"lrr": [0.1]}}, "unknown config key 'lrr'"),
+    ({"base": BASE, "seeds": []}, "'seeds' must be a non-empty list of integers"),
+    ({"base": BASE, "rules": [{"if": {"methd": "cskd"}, "set": {"cskd.lam": 3}}]}, "tests unknown config key 'methd'"),
+    ({"base": BASE, "rules": [{"when": {"method": "cskd"}}]}, "rules[0] must have exactly the keys 'if' and 'set'"),
+    ({"base": BASE, "resources": {"gpus": 1}}, "unknown resources key(s) gpus"),
+    ({"base": BASE, "resources": {"partition": "gpu", "nodes": 0}}, "resources.nodes must be an integer >= 1"),
+    ({"base": BASE, "resources": {"partition": "gpu", "time": "1:2:3:4"}}, "time limit '1:2:3:4' is not"),
+    ({"base": BASE, "resources": {"partition": "gpu", "tasks_per_node": 3}}, "does not divide by the 3 processes"),
 ])
 def test_bad_grids(tmp_path, grid, message):
     res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(write_grid(tmp_path / "g.yaml", **grid)),
                    "--out", str(tmp_path)], timeout=120)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+
+
+def test_rules_set_per_dataset_hyperparameters_and_identities_differ(tmp_path):
+    grid = write_grid(tmp_path / "g.yaml", name="g", base=BASE, axes={"method": ["ce", "cskd"]}, seeds=[0, 1],
+                      rules=[{"if": {"method": "cskd", "data.path": ["data/mnist5k", "data/cub200"]},
+                              "set": {"cskd.lam": 3}}])
+    from launch.grid import expand
+
+    root, runs = expand(grid, tmp_path / "out")
+    assert root == tmp_path / "out" and len(runs) == 4 and len({r.run_id for r in runs}) == 4
+    lam = {(r.config.method, r.config.seed): getattr(r.config.method_params, "lam", None) for r in runs}
+    assert lam[("cskd", 0)] == lam[("cskd", 1)] == 3 and lam[("ce", 0)] is None
+    assert runs[2].out_dir == tmp_path / "out" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
+
+
+def test_partition_without_slurm_names_what_to_check(tmp_path):
+    """--partition on a machine where Slurm's commands are not found: a one-line error, nothing written."""
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    res = run_cli([str(REPO / "launch" / "grid.py"), "--partition", "gpu", "--out", str(tmp_path / "out")],
+                  timeout=120, env={"PATH": str(empty_bin)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "'scontrol' is not on PATH" in res.stderr and "leave out --partition" in res.stderr
+    assert not (tmp_path / "out").exists()

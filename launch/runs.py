@@ -1,0 +1,115 @@
+"""Where each run of a grid stands: done, pending, running, failed, cancelled or missing.
+
+The launcher leaves two kinds of record, both written atomically:
+- `<root>/grid.json`, the manifest: the grid's name and every run it expands to (run id, run dir
+  relative to the root, dataset, model, method label, seed), so a run that never started is
+  reported as missing rather than silently absent from the table;
+- `<run dir>/job.json`: who runs it (`slurm` with the job id, or `local` with the launcher's pid)
+  and where its log is. A finished run is one with a `summary.json`, whatever the record says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cskd.fileio import write_json
+from launch import slurm
+
+MANIFEST, JOB_RECORD, SUMMARY = "grid.json", "job.json", "summary.json"
+STATES = ("done", "running", "pending", "failed", "cancelled", "missing", "unknown")
+
+
+@dataclass
+class RunStatus:
+    state: str  # one of STATES
+    detail: str = ""  # Slurm's state or the failure's last log line
+    log: str | None = None
+    job_id: str | None = None
+
+
+def write_manifest(root: Path, name: str, entries: list[dict]) -> None:
+    write_json(root / MANIFEST, {"name": name, "runs": entries})
+
+
+def read_manifests(root: Path) -> list[tuple[Path, dict]]:
+    """(grid root, manifest) for every grid under `root` (`root` itself included)."""
+    return [(p.parent, json.loads(p.read_text())) for p in sorted(Path(root).rglob(MANIFEST))]
+
+
+def write_job_record(run_dir: Path, scheduler: str, job_id: str, log: str | None, **extra) -> None:
+    write_json(run_dir / JOB_RECORD, {"scheduler": scheduler, "job_id": job_id, "log": log,
+                                      "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
+
+
+def read_job_record(run_dir: Path) -> dict | None:
+    try:
+        return json.loads((run_dir / JOB_RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception)\b")
+
+
+def last_error_line(log: str | os.PathLike | None) -> str:
+    """The exception a job's stderr ends with (srun's own complaints come after it), '' if none."""
+    try:
+        lines = [l.strip() for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
+    except (OSError, TypeError):
+        return ""
+    errors = [l for l in lines if _EXCEPTION.match(l)] or [l for l in lines if not l.startswith(("srun:", "slurmstepd"))]
+    return errors[-1].removeprefix("cskd.errors.") if errors else ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:  # the state field, not kill -0: a zombie is dead
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _from_slurm(record: dict, state: str | None) -> RunStatus:
+    job_id, log = record["job_id"], record.get("log")
+    if state is None:
+        return RunStatus("missing", f"job {job_id} is unknown to Slurm", log, job_id)
+    if state in slurm.ACTIVE:
+        kind = "pending" if state in ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED") else "running"
+        return RunStatus(kind, state, log, job_id)
+    if state == "CANCELLED":
+        return RunStatus("cancelled", state, log, job_id)
+    why = last_error_line(log)
+    if state == "COMPLETED":
+        return RunStatus("failed", f"job ended without a summary.json ({why or 'no error in its log'})", log, job_id)
+    return RunStatus("failed", f"{state}" + (f": {why}" if why else ""), log, job_id)
+
+
+def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
+    """The status of each run dir; asks Slurm (one squeue + one sacct) only about unfinished Slurm runs."""
+    records = {d: read_job_record(d) for d in run_dirs if not (d / SUMMARY).exists()}
+    slurm_ids = [r["job_id"] for r in records.values() if r and r.get("scheduler") == "slurm"]
+    try:
+        states, unreachable = slurm.job_states(slurm_ids), None
+    except slurm.SlurmError as e:
+        states, unreachable = {}, str(e)
+    result = {}
+    for d in run_dirs:
+        record = records.get(d)
+        if (d / SUMMARY).exists():
+            result[d] = RunStatus("done")
+        elif record is None:
+            result[d] = RunStatus("missing")
+        elif record.get("scheduler") == "slurm":
+            result[d] = (RunStatus("unknown", unreachable, record.get("log"), record["job_id"]) if unreachable
+                         else _from_slurm(record, states.get(record["job_id"])))
+        elif record.get("state") == "FAILED":
+            result[d] = RunStatus("failed", record.get("reason", ""), record.get("log"))
+        elif _pid_alive(int(record.get("pid", -1))):
+            result[d] = RunStatus("running", f"local, launcher pid {record['pid']}", record.get("log"))
+        else:
+            result[d] = RunStatus("failed", f"the local launcher (pid {record.get('pid')}) stopped before the "
+                                  f"run finished", record.get("log"))
+    return result
