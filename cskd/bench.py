@@ -1,20 +1,30 @@
 """Benchmarks (figures, not tests): `python -m cskd.bench [--data DIR] [--model small_cnn]`.
 
-(a) Training-loader throughput: the FFCV pipeline the trainer uses (decode, pad-4 crop + flip,
-    normalise; batched in torch) against a torch DataLoader with torchvision transforms doing the
-    same augmentation on the same images (PIL, 2 workers, persistent).
+(a) Training-loader throughput, same images and augmentation, three ways: the device-resident
+    loader (`data.loader=device`: split held as one uint8 tensor, batched torch augmentation), the
+    FFCV loader the trainer uses by default (FFCV decode threads + the same torch augmentation), and
+    a torch DataLoader with torchvision transforms on PIL images (2 persistent workers). Twice: at
+    32x32 (`--data`, pad-4 crop + flip) and at 224x224 (a synthetic fixed-size set of `--large`
+    256x256 images written with FFCV, RandomResizedCrop(224) + flip).
 (b) Time per training epoch of CS-KD divided by that of CE, same model, data and anchors per step
     (ideal about 1.33: one extra no-grad forward per anchor).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import platform
+import shutil
 import statistics
+import tempfile
 import time
 
+import numpy as np
 import torch
+
+CPU = torch.device("cpu")
 
 
 def _timed_epochs(run_epoch, epochs: int) -> list[float]:
@@ -26,42 +36,67 @@ def _timed_epochs(run_epoch, epochs: int) -> list[float]:
     return times
 
 
-def ffcv_loader_rate(info, batch: int, epochs: int) -> float:
+def ours_rate(info, loader_kind: str, pipeline: str, batch: int, epochs: int) -> float:
+    """Images/s of our training loader, median of `epochs` after a warm-up (FFCV's JIT)."""
     from cskd.data import TrainLoader
+    from cskd.device_data import DeviceTrainLoader
     from cskd.methods import Sampling
 
-    loader = TrainLoader(info, batch, 1, 0, 0, Sampling(), 1, "cifar", 1, True, torch.device("cpu"), False)
-    n = len(info.labels["train"])
-    times = _timed_epochs(lambda e: [b.images.sum() for b in loader.epoch(e)], epochs + 1)[1:]  # 1st: JIT
-    return n / statistics.median(times)
+    args = (info, batch, 1, 0, 0, Sampling(), 1, pipeline)
+    if loader_kind == "device":
+        loader = DeviceTrainLoader(*args, CPU, False)
+    else:
+        loader = TrainLoader(*args, 1, True, CPU, False)
+    times = _timed_epochs(lambda e: [b.images.sum() for b in loader.epoch(e)], epochs + 1)[1:]
+    return len(info.labels["train"]) / statistics.median(times)
 
 
-def torch_loader_rate(info, batch: int, epochs: int, workers: int) -> float:
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import ToTensor
+def torch_loader_rate(info, pipeline: str, batch: int, epochs: int, workers: int) -> float:
+    """Images/s of a torch DataLoader doing the pipeline with torchvision on PIL images."""
     from PIL import Image
     from torchvision import transforms as T
 
-    n = len(info.labels["train"])
-    raw = Loader(info.beton("train"), batch_size=n, order=OrderOption.SEQUENTIAL, num_workers=1,
-                 pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": [IntDecoder(), ToTensor()],
-                            "index": None})
-    images, labels = (t.numpy().copy() for t in next(iter(raw)))
-    transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
-                           T.Normalize(info.meta["mean"], info.meta["std"])])
+    from cskd.augment import PIPELINES
+    from cskd.device_data import read_split
+
+    spec = PIPELINES[pipeline]
+    images, labels, _ = (t.numpy() for t in read_split(info, "train", CPU))
+    crop = T.RandomResizedCrop(spec.rrc) if spec.rrc else T.RandomCrop(images.shape[1], padding=spec.pad)
+    transform = T.Compose([crop, T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(spec.mean or info.meta["mean"], spec.std or info.meta["std"])])
 
     class Images(torch.utils.data.Dataset):
         def __len__(self):
-            return n
+            return len(labels)
 
         def __getitem__(self, i):
-            return transform(Image.fromarray(images[i])), int(labels[i, 0])
+            return transform(Image.fromarray(images[i])), int(labels[i])
 
     loader = torch.utils.data.DataLoader(Images(), batch_size=batch, shuffle=True, num_workers=workers,
                                          persistent_workers=workers > 0)
     times = _timed_epochs(lambda e: [x.sum() for x, _ in loader], epochs + 1)[1:]  # 1st: worker start
-    return n / statistics.median(times)
+    return len(labels) / statistics.median(times)
+
+
+def synthetic_dataset(root: str, n: int, size: int) -> str:
+    """A prepared dataset of `n` random size x size images (raw FFCV, fixed size) and 10 test images."""
+    from datasets_prep.writer import write_dataset
+
+    rng = np.random.default_rng(0)
+    splits = {split: (rng.integers(0, 256, (k, size, size, 3), dtype=np.uint8), rng.integers(0, 10, k))
+              for split, k in (("train", n), ("test", 10))}
+    with contextlib.redirect_stderr(io.StringIO()):  # FFCV's writer progress bar
+        write_dataset(root, splits, {"name": "synthetic", "num_classes": 10, "image_size": [size, size],
+                                     "mean": [0.5] * 3, "std": [0.25] * 3})
+    return root
+
+
+def loader_table(info, pipeline: str, batch: int, epochs: int, workers: int) -> str:
+    rates = {kind: ours_rate(info, kind, pipeline, batch, epochs) for kind in ("device", "ffcv")}
+    plain = torch_loader_rate(info, pipeline, batch, epochs, workers)
+    return (f"device {rates['device']:,.0f} | FFCV {rates['ffcv']:,.0f} | torch DataLoader ({workers} workers, "
+            f"torchvision) {plain:,.0f} | device/DataLoader {rates['device'] / plain:.1f}x, "
+            f"FFCV/DataLoader {rates['ffcv'] / plain:.1f}x")
 
 
 def method_epoch_time(data: str, method: str, model: str, epochs: int, max_steps: int) -> float:
@@ -73,7 +108,7 @@ def method_epoch_time(data: str, method: str, model: str, epochs: int, max_steps
     from cskd.models import build_model
     from cskd.train import train_one_epoch
 
-    cfg = load_config(None, [f"data.path={data}", f"method={method}", f"model={model}", "data.augment=cifar",
+    cfg = load_config(None, [f"data.path={data}", f"method={method}", f"model={model}", "data.pipeline=cifar",
                              "log_every=1000000", f"epochs={epochs + 1}"])
     info = open_dataset(data)
     env = D.DistEnv(0, 1, 0, torch.device("cpu"))
@@ -97,6 +132,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=0, help="cap steps per epoch (slow models on CPU)")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    parser.add_argument("--large", type=int, default=2000,
+                        help="synthetic 256x256 images for the 224 px case (0: skip)")
     args = parser.parse_args(argv)
     from cskd.data import open_dataset
 
@@ -104,10 +141,17 @@ def main(argv=None) -> int:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads; data {args.data} ({len(info.labels['train'])} "
           f"train images {info.meta['image_size']}), batch {args.batch}", flush=True)
-    ffcv = ffcv_loader_rate(info, args.batch, args.epochs)
-    plain = torch_loader_rate(info, args.batch, args.epochs, args.workers)
-    print(f"(a) loader img/s: FFCV + batched torch aug {ffcv:,.0f} | torch DataLoader ({args.workers} workers, "
-          f"torchvision) {plain:,.0f} | ratio {ffcv / plain:.1f}x", flush=True)
+    table = loader_table(info, "cifar", args.batch, args.epochs, args.workers)
+    print(f"(a) loader img/s, 32x32 pad-4 crop + flip: {table}", flush=True)
+    if args.large:
+        tmp = tempfile.mkdtemp(prefix="cskd-bench-")
+        try:
+            large = open_dataset(synthetic_dataset(os.path.join(tmp, "synthetic256"), args.large, 256))
+            table = loader_table(large, "imagenet224", args.batch, 2, args.workers)
+            print(f"(a) loader img/s, {args.large} stored 256x256 -> RandomResizedCrop(224) + flip: {table}",
+                  flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     ce = method_epoch_time(args.data, "ce", args.model, args.epochs, args.max_steps)
     cskd = method_epoch_time(args.data, "cskd", args.model, args.epochs, args.max_steps)
     steps = f" ({args.max_steps} steps)" if args.max_steps else ""

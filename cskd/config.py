@@ -18,14 +18,21 @@ from cskd.errors import ConfigError
 
 # Keys that change how a run executes but not what it computes: a run dir may be resumed with
 # different values of these.
-RUNTIME_KEYS = ("out_dir", "data.num_workers", "threads", "log_every")
+RUNTIME_KEYS = ("out_dir", "data.num_workers", "data.loader", "threads", "log_every")
+# Renamed keys, still read from older configs (a run dir's saved config.yaml): old -> new.
+RENAMED_KEYS = {"data.augment": "data.pipeline"}
 LIST_SEP = ", "
 
 
 @dataclass
 class DataConfig:
     path: str = "data/mnist5k"  # directory with train.beton, test.beton, meta.json (datasets_prep)
-    augment: str = "cifar"  # cifar: pad-4 random crop + horizontal flip; crop: crop only; none
+    # The paper's transforms and normalisation for a dataset family (cskd/augment.py): cifar,
+    # tinyimagenet32, tinyimagenet64, imagenet224 (fine-grained and ImageNet); crop / none (MNIST demo).
+    pipeline: str = "cifar"
+    color_jitter: float = 0.0  # ColorJitter(b=c=s=x) after the flip; PS-KD's ImageNet recipe uses 0.4
+    lighting: float = 0.0  # PCA lighting noise std; PS-KD's ImageNet recipe uses 0.1
+    loader: str = "ffcv"  # ffcv: FFCV decode threads; device: the whole (fixed-size) split held on the device
     num_workers: int = 1  # FFCV decoding threads per process
     eval_batch_size: int = 500  # per rank
     os_cache: bool = True  # share the page cache between ranks of a node (FFCV os_cache)
@@ -93,6 +100,9 @@ def _apply(obj, values: dict, prefix: str, source: str, method_sections: dict) -
     hints = typing.get_type_hints(type(obj))
     for key, value in values.items():
         full = f"{prefix}{key}"
+        if full in RENAMED_KEYS:
+            full = RENAMED_KEYS[full]
+            key = full[len(prefix):]
         if not prefix and key in method_sections:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{key}' is the '{key}' method's section; give its keys, e.g. {key}.<key>=..., in {source}")
@@ -160,6 +170,7 @@ def _instantiate_params(params_cls, values: dict, method: str):
 
 def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Config:
     """Check names and ranges; fill `cfg.method_params` from the chosen method's section."""
+    from cskd.augment import PIPELINES
     from cskd.methods import METHODS
     from cskd.models import MODELS
 
@@ -178,7 +189,8 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
     choices = {
         "lr_schedule": ("step_reference", "step"),
         "device": ("auto", "cpu", "cuda"),
-        "data.augment": ("cifar", "crop", "none"),
+        "data.pipeline": tuple(PIPELINES),
+        "data.loader": ("ffcv", "device"),
     }
     for key, allowed in choices.items():
         value = get_key(cfg, key)
@@ -188,7 +200,7 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
     for key in positive:
         if not get_key(cfg, key) > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)!r}")
-    for key in ("momentum", "weight_decay", "threads"):
+    for key in ("momentum", "weight_decay", "threads", "data.color_jitter", "data.lighting"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     return cfg

@@ -1,9 +1,12 @@
 """Datasets prepared by `datasets_prep` (train/test .beton + meta.json), read through FFCV.
 
 FFCV reads, decodes and batches in its own threads, in the order given by `cskd.orders` (random
-or class-paired, sharded per rank); augmentation and normalisation then run batched in torch
-(`cskd.augment`) with a generator seeded from (seed, epoch, rank), so an epoch's batches are a
-pure function of the config and the epoch number: resuming at an epoch boundary replays it exactly.
+or class-paired, sharded per rank); the pipeline's augmentation and normalisation then run batched
+in torch (`cskd.augment`) with a generator seeded from (seed, epoch, rank), so an epoch's batches
+are a pure function of the config and the epoch number: resuming at an epoch boundary replays it
+exactly. Exception: variable-size stored images (max-side JPEGs) are cropped by FFCV's
+RandomResizedCrop / CenterCrop decoders, whose draws are unseeded, so those crops are not replayed.
+`cskd.device_data` reads fixed-size splits into one device tensor and yields the same batches.
 """
 from __future__ import annotations
 
@@ -18,8 +21,8 @@ import numpy as np
 import torch
 
 from cskd import orders
-from cskd.augment import Normalize, augment
-from cskd.errors import DataError
+from cskd.augment import PIPELINES, Transform
+from cskd.errors import ConfigError, DataError
 from cskd.methods.base import Batch, Sampling
 
 SPLITS = ("train", "test")
@@ -39,6 +42,7 @@ class DatasetInfo:
     path: Path
     meta: dict
     labels: dict[str, np.ndarray]
+    image_shape: dict[str, tuple[int, int] | None]  # (height, width) of every stored image; None: sizes vary
 
     @property
     def num_classes(self) -> int:
@@ -48,8 +52,9 @@ class DatasetInfo:
         return str(self.path / f"{split}.beton")
 
 
-def _read_beton(path: Path, expected_bytes: int | None, hint: str) -> np.ndarray:
-    """Labels of a .beton after checking it is complete and has the expected fields."""
+def _read_beton(path: Path, expected_bytes: int | None, hint: str
+                ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Labels and fixed image shape (None if sizes vary) of a .beton after checking it is complete."""
     _import_ffcv()
     from ffcv.reader import Reader
 
@@ -67,7 +72,10 @@ def _read_beton(path: Path, expected_bytes: int | None, hint: str) -> np.ndarray
     missing = [f for f in FIELDS if f not in reader.field_names]
     if missing:
         raise DataError(f"{path} lacks the field(s) {', '.join(missing)} (has {', '.join(reader.field_names)}); {hint} --force")
-    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64)
+    images = reader.metadata[f"f{reader.field_names.index('image')}"]
+    fixed = len(images) and all(images[k].min() == images[k].max() for k in ("height", "width"))
+    shape = (int(images["height"][0]), int(images["width"][0])) if fixed else None
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64), shape
 
 
 def open_dataset(path: str) -> DatasetInfo:
@@ -84,15 +92,15 @@ def open_dataset(path: str) -> DatasetInfo:
         files, num_classes = meta["files"], int(meta["num_classes"])
     except (ValueError, KeyError, TypeError) as e:
         raise DataError(f"{meta_path} is unreadable or lacks {e}; {hint} --force") from None
-    labels = {}
+    labels, shapes = {}, {}
     for split in SPLITS:
         beton = root / f"{split}.beton"
         if not beton.is_file():
             raise DataError(f"data.path {root} has no {split}.beton; {hint} --force")
-        labels[split] = _read_beton(beton, files.get(f"{split}.beton", {}).get("bytes"), hint)
+        labels[split], shapes[split] = _read_beton(beton, files.get(f"{split}.beton", {}).get("bytes"), hint)
         if len(labels[split]) and not 0 <= labels[split].min() <= labels[split].max() < num_classes:
             raise DataError(f"{beton} has labels outside 0..{num_classes - 1} (meta.json num_classes); {hint} --force")
-    return DatasetInfo(root, meta, labels)
+    return DatasetInfo(root, meta, labels, shapes)
 
 
 # --- FFCV plumbing ----------------------------------------------------------------------------
@@ -162,14 +170,32 @@ def _make_orders():
     return EpochOrder, FixedOrder
 
 
-def _loader(path: str, batch_size: int, order: dict, num_workers: int, os_cache: bool, device: torch.device):
-    from ffcv.fields.decoders import IntDecoder, SimpleRGBImageDecoder
+def _image_decoder(info: DatasetInfo, split: str, pipeline: str, train: bool):
+    """(decoder, cropped_by_decoder): FFCV's plain decoder for fixed-size images; for variable sizes
+    its RandomResizedCrop / CenterCrop(224/256) decoders, the only way to batch such images."""
+    from ffcv.fields.decoders import (CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder,
+                                      SimpleRGBImageDecoder)
+
+    if info.image_shape[split] is not None:
+        return SimpleRGBImageDecoder(), False
+    spec = PIPELINES[pipeline]
+    if not (spec.rrc and spec.center_crop):
+        raise ConfigError(f"{info.beton(split)} stores images of varying sizes, which data.pipeline={pipeline} "
+                          f"cannot batch; use data.pipeline=imagenet224, or re-convert with a fixed --size")
+    if train:
+        return RandomResizedCropRGBImageDecoder((spec.rrc, spec.rrc)), True
+    return CenterCropRGBImageDecoder((spec.center_crop, spec.center_crop), ratio=spec.center_crop / spec.resize), True
+
+
+def _loader(path: str, batch_size: int, order: dict, num_workers: int, os_cache: bool, device: torch.device,
+            decoder):
+    from ffcv.fields.decoders import IntDecoder
     from ffcv.loader import Loader
     from ffcv.transforms import ToDevice, ToTensor
 
     to_device = [ToDevice(device, non_blocking=True)] if device.type == "cuda" else []
     pipelines = {
-        "image": [SimpleRGBImageDecoder(), ToTensor(), *to_device],
+        "image": [decoder, ToTensor(), *to_device],
         "label": [IntDecoder(), ToTensor(), *to_device],
         "index": [IntDecoder(), ToTensor(), *to_device],
     }
@@ -183,28 +209,46 @@ def _close(it) -> None:
     it.join(timeout=10)
 
 
-def _epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+def epoch_generator(seed: int, epoch: int, rank: int, device: torch.device) -> torch.Generator:
+    """The augmentation RNG of one (seed, epoch, rank): epochs replay whatever ran before."""
     g = torch.Generator(device=device)
     g.manual_seed(int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0]))
     return g
 
 
+def make_batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, paired: bool, transform: Transform,
+               generator: torch.Generator, num_views: int, epoch: int, step: int) -> Batch:
+    """One step's Batch from its raw uint8 NHWC images (anchors, then partners if paired).
+
+    Shared by both loaders, so the same raw batch and generator give the same pixels."""
+    x = transform.train(images, generator)  # anchors and partners augmented independently
+    if paired:
+        n = len(labels) // 2
+        batch = Batch(x[:n], labels[:n], index[:n], x[n:], labels[n:], index[n:], epoch=epoch, step=step)
+        images = images[:n]
+    else:
+        batch = Batch(x, labels, index, epoch=epoch, step=step)
+    batch.views = [transform.train(images, generator) for _ in range(num_views - 1)]
+    return batch
+
+
 class TrainLoader:
-    """Augmented, normalised training batches for one rank, epoch by epoch."""
+    """Augmented, normalised training batches for one rank, epoch by epoch, read through FFCV."""
 
     def __init__(self, info: DatasetInfo, per_rank_batch: int, world_size: int, rank: int, seed: int,
-                 sampling: Sampling, num_views: int, augment_policy: str, num_workers: int, os_cache: bool,
-                 device: torch.device, channels_last: bool):
+                 sampling: Sampling, num_views: int, pipeline: str, num_workers: int, os_cache: bool,
+                 device: torch.device, channels_last: bool, color_jitter: float = 0.0, lighting: float = 0.0):
         EpochOrder, _ = _make_orders()
         self.paired = sampling.kind == "class_pairs"
         order = _order_factory(EpochOrder, labels=info.labels["train"], batch_size=per_rank_batch * world_size,
                                world_size=world_size, rank=rank, seed=seed, paired=self.paired,
                                exclude_self=sampling.exclude_self)
         factor = 2 if self.paired else 1
-        self.loader = _loader(info.beton("train"), factor * per_rank_batch, order, num_workers, os_cache, device)
-        self.seed, self.rank, self.device = seed, rank, device
-        self.num_views, self.policy = num_views, augment_policy
-        self.normalize = Normalize(info.meta["mean"], info.meta["std"], device, channels_last)
+        decoder, cropped = _image_decoder(info, "train", pipeline, train=True)
+        self.loader = _loader(info.beton("train"), factor * per_rank_batch, order, num_workers, os_cache, device,
+                              decoder)
+        self.seed, self.rank, self.device, self.num_views = seed, rank, device, num_views
+        self.transform = Transform(pipeline, info.meta, device, channels_last, color_jitter, lighting, cropped)
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -212,42 +256,40 @@ class TrainLoader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch`, whatever epochs were (or were not) iterated before."""
         self.loader.next_epoch = epoch
-        gen = _epoch_generator(self.seed, epoch, self.rank, self.device)
+        gen = epoch_generator(self.seed, epoch, self.rank, self.device)
         it = iter(self.loader)
         try:
             for step, (images, labels, index) in enumerate(it):
                 labels, index = labels.view(-1).clone(), index.view(-1).clone()  # FFCV reuses its buffers
-                raw = images
-                x = self.normalize(augment(raw, self.policy, gen))  # anchors and partners augmented independently
-                batch = Batch(x, labels, index, epoch=epoch, step=step)
-                if self.paired:
-                    n = len(labels) // 2
-                    batch = Batch(x[:n], labels[:n], index[:n], x[n:], labels[n:], index[n:], epoch=epoch, step=step)
-                    raw = raw[:n]
-                batch.views = [self.normalize(augment(raw, self.policy, gen)) for _ in range(self.num_views - 1)]
-                yield batch
+                yield make_batch(images, labels, index, self.paired, self.transform, gen, self.num_views, epoch, step)
         finally:
             _close(it)
 
 
 class EvalLoader:
-    """Unaugmented batches of this rank's contiguous shard of a split (no padding, no duplicates)."""
+    """Test-transformed batches of this rank's contiguous shard of a split (no padding, no duplicates)."""
 
     def __init__(self, info: DatasetInfo, split: str, batch_size: int, world_size: int, rank: int,
-                 num_workers: int, os_cache: bool, device: torch.device, channels_last: bool):
+                 num_workers: int, os_cache: bool, device: torch.device, channels_last: bool, pipeline: str):
         _, FixedOrder = _make_orders()
-        if len(info.labels[split]) < world_size:
-            raise DataError(f"{info.beton(split)} has {len(info.labels[split])} samples, fewer than the "
-                            f"{world_size} ranks; use fewer processes")
-        ids = orders.shard(len(info.labels[split]), world_size, rank)
+        ids = shard_ids(info, split, world_size, rank)
+        decoder, cropped = _image_decoder(info, split, pipeline, train=False)
         self.loader = _loader(info.beton(split), batch_size, _order_factory(FixedOrder, ids=ids), num_workers,
-                              os_cache, device)
-        self.normalize = Normalize(info.meta["mean"], info.meta["std"], device, channels_last)
+                              os_cache, device, decoder)
+        self.transform = Transform(pipeline, info.meta, device, channels_last, decoded_crop=cropped)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         it = iter(self.loader)
         try:
             for images, labels, index in it:
-                yield self.normalize(images), labels.view(-1).clone(), index.view(-1).clone()
+                yield self.transform.test(images), labels.view(-1).clone(), index.view(-1).clone()
         finally:
             _close(it)
+
+
+def shard_ids(info: DatasetInfo, split: str, world_size: int, rank: int) -> np.ndarray:
+    """This rank's evaluation ids (cskd.orders.shard), after checking every rank gets at least one."""
+    if len(info.labels[split]) < world_size:
+        raise DataError(f"{info.beton(split)} has {len(info.labels[split])} samples, fewer than the "
+                        f"{world_size} ranks; use fewer processes")
+    return orders.shard(len(info.labels[split]), world_size, rank)

@@ -24,6 +24,7 @@ from cskd import distributed as D
 from cskd import rundir
 from cskd.config import Config, load_config, to_dict
 from cskd.data import EvalLoader, TrainLoader, open_dataset
+from cskd.device_data import build_loaders
 from cskd.errors import ConfigError, CskdError, NonFiniteLossError
 from cskd.fileio import write_json
 from cskd.methods import METHODS, MethodContext
@@ -205,12 +206,8 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule), 0.1)
 
-    per_rank = cfg.batch_size // env.world_size
-    train_loader = TrainLoader(info, per_rank, env.world_size, env.rank, cfg.seed, method.sampling(),
-                               method.num_views, cfg.data.augment, cfg.data.num_workers, cfg.data.os_cache,
-                               env.device, channels_last)
-    test_loader = EvalLoader(info, "test", cfg.data.eval_batch_size, env.world_size, env.rank,
-                             cfg.data.num_workers, cfg.data.os_cache, env.device, channels_last)
+    train_loader, test_loader = build_loaders(cfg, info, env.world_size, env.rank, env.device, method.sampling(),
+                                              method.num_views, channels_last)
 
     state = {"epoch": -1, "history": [], "best": None, "final_bins": None, "wall_s": 0.0, "train_s": 0.0,
              "train_images": 0}

@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
+from cskd.config import load_config
 from cskd.data import EvalLoader, TrainLoader, open_dataset
-from cskd.errors import DataError
+from cskd.errors import ConfigError, DataError
 from cskd.methods import Sampling
 from cskd.orders import epoch_order
 
 
-def make_train(info, sampling, world=1, rank=0, per_rank=64, views=1, policy="cifar"):
-    return TrainLoader(info, per_rank, world, rank, seed=7, sampling=sampling, num_views=views, augment_policy=policy,
+def make_train(info, sampling, world=1, rank=0, per_rank=64, views=1, policy="crop"):
+    return TrainLoader(info, per_rank, world, rank, seed=7, sampling=sampling, num_views=views, pipeline=policy,
                        num_workers=1, os_cache=True, device=torch.device("cpu"), channels_last=False)
 
 
@@ -29,13 +30,15 @@ def test_paired_batches_from_ffcv(mnist_dir):
         assert torch.equal(b.labels, torch.from_numpy(info.labels["train"][b.index.numpy()]))
         assert b.images.shape == b.pair_images.shape == (len(b.labels), 3, 32, 32)
         assert b.images.dtype == torch.float32 and len(b.views) == 1 and b.views[0].shape == b.images.shape
-    assert abs(batches[0].images.mean().item()) < 0.5  # normalised with the dataset's mean/std
+    assert abs(batches[0].images.mean().item()) < 0.5  # crop: normalised with the dataset's (meta.json) mean/std
 
 
 def test_epoch_is_reproducible_and_resumable(mnist_dir):
     info = open_dataset(str(mnist_dir))
     loader = make_train(info, Sampling("class_pairs"))
     first = [(b.index, b.pair_index, b.images) for b in loader.epoch(2)]
+    other = make_train(info, Sampling("class_pairs"), policy="cifar")
+    assert not torch.equal(next(iter(other.epoch(2))).images, first[0][2])  # cifar flips, crop does not
     other = make_train(info, Sampling("class_pairs"))
     list(other.epoch(0))  # a different history before epoch 2
     again = [(b.index, b.pair_index, b.images) for b in other.epoch(2)]
@@ -67,8 +70,8 @@ def test_two_ranks_split_the_epoch(mnist_dir):
 
 def test_eval_loader_covers_each_sample_once(mnist_dir):
     info = open_dataset(str(mnist_dir))
-    parts = [torch.cat([idx for _, _, idx in EvalLoader(info, "test", 300, 3, r, 1, True, torch.device("cpu"), False)])
-             for r in range(3)]
+    loaders = [EvalLoader(info, "test", 300, 3, r, 1, True, torch.device("cpu"), False, "none") for r in range(3)]
+    parts = [torch.cat([idx for _, _, idx in loader]) for loader in loaders]
     assert sorted(torch.cat(parts).tolist()) == list(range(1000))
 
 
@@ -96,3 +99,15 @@ def test_corrupt_beton(mnist_dir, tmp_path):
         f.write(b"\xff" * 64)  # clobber the header, keep the size
     with pytest.raises(DataError, match=r"test.beton is not a readable FFCV file"):
         open_dataset(str(bad))
+
+
+def test_pipeline_config_and_legacy_augment_key():
+    assert load_config(None, ["data.augment=crop"]).data.pipeline == "crop"  # run dirs saved before the rename
+    cfg = load_config(None, ["data.pipeline=imagenet224", "data.color_jitter=0.4", "data.lighting=0.1"])
+    assert (cfg.data.pipeline, cfg.data.color_jitter, cfg.data.lighting) == ("imagenet224", 0.4, 0.1)
+    with pytest.raises(ConfigError, match=r"data.pipeline' must be one of cifar, tinyimagenet32, tinyimagenet64"):
+        load_config(None, ["data.pipeline=imagenet"])
+    with pytest.raises(ConfigError, match=r"data.loader' must be one of ffcv, device"):
+        load_config(None, ["data.loader=gpu"])
+    with pytest.raises(ConfigError, match=r"data.color_jitter' must be >= 0"):
+        load_config(None, ["data.color_jitter=-1"])

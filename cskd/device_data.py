@@ -1,0 +1,146 @@
+"""Device-resident loaders (`data.loader: device`) and the factory that picks a loader for train.py.
+
+A split with one fixed stored image size is read once into a single uint8 NHWC tensor on the
+training device (RAM on CPU), with its labels and sample indices. Each epoch then computes the
+same order as the FFCV path (`cskd.orders.epoch_order`: same seeds, same per-rank slices, same
+partners), gathers every batch by indexing that tensor, and runs the same batched transform
+(`cskd.data.make_batch`) with the same seeded generator: for the same config the batches equal the
+FFCV loader's, pixel for pixel, without FFCV's decode threads, JIT or host-to-device copies.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from cskd import orders
+from cskd.augment import Transform
+from cskd.data import (DatasetInfo, EvalLoader, TrainLoader, _import_ffcv, epoch_generator, make_batch,
+                       shard_ids)
+from cskd.errors import ConfigError, DataError
+from cskd.methods.base import Batch, Sampling
+
+RAW_MODE = 1  # ffcv.fields.rgb_image.IMAGE_MODES['raw']
+MEMORY_SHARE = 0.5  # a split may take at most this share of free device memory: the model needs the rest
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _decode_all(path: str, num_samples: int) -> np.ndarray:
+    """Every image of a fixed-size .beton with JPEG samples, decoded by FFCV itself (a SEQUENTIAL pass),
+    so the pixels are exactly those the FFCV loader would produce."""
+    from ffcv.fields.decoders import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+
+    loader = Loader(path, batch_size=1024, order=OrderOption.SEQUENTIAL, num_workers=1, drop_last=False,
+                    pipelines={"image": [SimpleRGBImageDecoder(), ToTensor()], "label": None, "index": None})
+    parts = [out[0].numpy().copy() for out in loader]  # copies: FFCV reuses its batch buffers
+    images = np.concatenate(parts)
+    assert len(images) == num_samples
+    return images
+
+
+def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images uint8 N x H x W x 3, labels, index) of a whole split, on `device`."""
+    shape = info.image_shape[split]
+    if shape is None:
+        raise ConfigError(f"data.loader=device needs one fixed image size, but {info.beton(split)} stores images of "
+                          f"varying sizes; re-convert the dataset with a fixed --size, or use data.loader=ffcv")
+    n, (h, w) = len(info.labels[split]), shape
+    need, free = n * h * w * 3, _free_bytes(device)
+    if need > MEMORY_SHARE * free:
+        raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, more than "
+                        f"{MEMORY_SHARE:.0%} of the {free / 2**30:.2f} GiB free on {device}; use data.loader=ffcv")
+    _import_ffcv()
+    from ffcv.reader import Reader
+
+    reader = Reader(info.beton(split))
+    meta = reader.metadata
+    image_meta = meta[f"f{reader.field_names.index('image')}"]
+    if (image_meta["mode"] == RAW_MODE).all():
+        # FFCV's raw "decode" is a memcpy of the stored H x W x 3 bytes: read them directly, no JIT.
+        data = np.memmap(info.beton(split), dtype=np.uint8, mode="r")
+        images = np.empty((n, h, w, 3), dtype=np.uint8)
+        size = h * w * 3
+        for i, ptr in enumerate(image_meta["data_ptr"].astype(np.int64)):
+            images[i] = data[ptr:ptr + size].reshape(h, w, 3)
+    else:
+        images = _decode_all(info.beton(split), n)
+    index = np.asarray(meta[f"f{reader.field_names.index('index')}"], dtype=np.int64)
+    return (torch.from_numpy(images).to(device), torch.tensor(info.labels[split], device=device),
+            torch.tensor(index, device=device))
+
+
+class DeviceTrainLoader:
+    """Drop-in for `cskd.data.TrainLoader`: the same batches, from a split held on the device."""
+
+    def __init__(self, info: DatasetInfo, per_rank_batch: int, world_size: int, rank: int, seed: int,
+                 sampling: Sampling, num_views: int, pipeline: str, device: torch.device, channels_last: bool,
+                 color_jitter: float = 0.0, lighting: float = 0.0):
+        self.images, self.labels, self.index = read_split(info, "train", device)
+        self.paired = sampling.kind == "class_pairs"
+        labels = info.labels["train"]
+        self.order_args = dict(labels=labels, batch_size=per_rank_batch * world_size, world_size=world_size,
+                               rank=rank, seed=seed, paired=self.paired, exclude_self=sampling.exclude_self,
+                               index=orders.ClassIndex.build(labels))
+        self.steps = orders.steps_per_epoch(len(labels), per_rank_batch * world_size, world_size)
+        self.seed, self.rank, self.device, self.num_views = seed, rank, device, num_views
+        self.transform = Transform(pipeline, info.meta, device, channels_last, color_jitter, lighting)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def epoch(self, epoch: int) -> Iterator[Batch]:
+        """The batches of `epoch`, a pure function of (seed, epoch, rank): resuming replays it exactly."""
+        ids, sizes = orders.epoch_order(epoch=epoch, **self.order_args)
+        ids = torch.from_numpy(ids).to(self.device)  # one copy per epoch, then index arithmetic on the device
+        gen = epoch_generator(self.seed, epoch, self.rank, self.device)
+        factor = 2 if self.paired else 1
+        start = 0
+        for step, size in enumerate(sizes):
+            sel = ids[start:start + factor * size]
+            start += factor * size
+            # index_select copies whole rows; advanced indexing goes element by element (7x slower on CPU)
+            images, labels, index = (t.index_select(0, sel) for t in (self.images, self.labels, self.index))
+            yield make_batch(images, labels, index, self.paired, self.transform, gen, self.num_views, epoch, step)
+
+
+class DeviceEvalLoader:
+    """Drop-in for `cskd.data.EvalLoader`: this rank's contiguous shard, held on the device."""
+
+    def __init__(self, info: DatasetInfo, split: str, batch_size: int, world_size: int, rank: int,
+                 device: torch.device, channels_last: bool, pipeline: str):
+        ids = torch.from_numpy(shard_ids(info, split, world_size, rank)).to(device)
+        images, labels, index = read_split(info, split, device)
+        self.images, self.labels, self.index = images[ids], labels[ids], index[ids]
+        self.batch_size = batch_size
+        self.transform = Transform(pipeline, info.meta, device, channels_last)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(self.labels), self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            yield self.transform.test(self.images[sl]), self.labels[sl], self.index[sl]
+
+
+def build_loaders(cfg, info: DatasetInfo, world_size: int, rank: int, device: torch.device, sampling: Sampling,
+                  num_views: int, channels_last: bool):
+    """(train loader, test loader) for `cfg.data.loader`: 'ffcv' (default) or 'device'."""
+    d = cfg.data
+    per_rank = cfg.batch_size // world_size
+    if d.loader == "device":
+        train = DeviceTrainLoader(info, per_rank, world_size, rank, cfg.seed, sampling, num_views, d.pipeline,
+                                  device, channels_last, d.color_jitter, d.lighting)
+        test = DeviceEvalLoader(info, "test", d.eval_batch_size, world_size, rank, device, channels_last, d.pipeline)
+        return train, test
+    train = TrainLoader(info, per_rank, world_size, rank, cfg.seed, sampling, num_views, d.pipeline, d.num_workers,
+                        d.os_cache, device, channels_last, d.color_jitter, d.lighting)
+    test = EvalLoader(info, "test", d.eval_batch_size, world_size, rank, d.num_workers, d.os_cache, device,
+                      channels_last, d.pipeline)
+    return train, test
