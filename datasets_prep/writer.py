@@ -6,7 +6,6 @@ mix), then the .beton files are moved in and meta.json is written last.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,15 +19,7 @@ import numpy as np
 from cskd.errors import DataError
 from cskd.fileio import write_json
 from datasets_prep.images import Resize, load_rgb, validate
-from datasets_prep.source import Source, check_classes, check_counts
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+from datasets_prep.source import Source, check_classes, check_counts, sha256
 
 
 class _ArraySplit:
@@ -115,7 +106,7 @@ def commit(out: Path, jobs: dict, meta: dict, check=None) -> dict:
             if sys.stderr.isatty():
                 print(f"writing {path.name} ({len(dataset)} images)", file=sys.stderr, flush=True)
             DatasetWriter(str(path), fields, page_size=page_size, num_workers=workers).from_indexed_dataset(dataset)
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         if check:
             check(tmp)
         (out / "meta.json").unlink(missing_ok=True)

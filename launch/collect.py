@@ -137,14 +137,7 @@ def find_grids(root: str | Path) -> list[tuple[str, Path, list[Path]]]:
 
 def run_statuses(grids: list[tuple[str, Path, list[Path]]]) -> dict[Path, RunStatus]:
     """launch.runs' status of every run dir of `grids` (one Slurm query for all)."""
-    dirs = list(dict.fromkeys(d for _, _, ds in grids for d in ds))
-    result = runs.statuses(dirs)
-    for d, status in result.items():
-        # runs.py calls a run without a job record 'missing'; one with a config.yaml was started, by hand or by an
-        # older launcher, and may be running or dead: we cannot tell.
-        if status.state == "missing" and not status.detail and (d / "config.yaml").exists():
-            result[d] = RunStatus("unknown", "started (config.yaml) but no summary.json and no job.json")
-    return result
+    return runs.statuses(list(dict.fromkeys(d for _, _, ds in grids for d in ds)))
 
 
 def _run_line(root: Path, run_dir: Path, status: RunStatus) -> str:

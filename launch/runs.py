@@ -100,6 +100,8 @@ def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
         record = records.get(d)
         if (d / SUMMARY).exists():
             result[d] = RunStatus("done")
+        elif record is None and (d / "config.yaml").exists():  # started by hand or by an older launcher
+            result[d] = RunStatus("unknown", "started (config.yaml) but no summary.json and no job.json")
         elif record is None:
             result[d] = RunStatus("missing")
         elif record.get("scheduler") == "slurm":
