@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) -m cskd.bench
+	$(PY) benchmarks/bench.py
 
 install: $(STAMP)
 

@@ -1,18 +1,62 @@
-"""Checkpoints: everything needed to continue a run bit-exactly from an epoch boundary."""
+"""Checkpoints: everything needed to continue a run bit-exactly from an epoch boundary.
+
+Run dirs travel between people, so their torch files are loaded with `weights_only=True`: only
+tensors and plain Python values are unpickled, never code. Everything saved here is therefore
+made of those (the numpy RNG state is stored as a tensor, the progress as a plain dict).
+"""
 from __future__ import annotations
 
+import dataclasses
+import pickle
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from cskd import rundir
+from cskd.errors import RunDirError
 from cskd.fileio import atomic_path
 
 
+@dataclass
+class Progress:
+    """What a run has done so far; saved with every checkpoint, restored on resume."""
+
+    epoch: int = -1  # the last finished epoch
+    history: list[dict] = field(default_factory=list)  # the metrics.jsonl records, one per epoch
+    best: dict | None = None  # test metrics of the epoch of lowest test top1_err so far, with its "epoch"
+    final_bins: dict | None = None  # reliability bins of the last finished epoch
+    wall_s: float = 0.0
+    train_s: float = 0.0
+    train_images: int = 0
+
+    def record(self, epoch: int, lr: float, train: dict, test: dict, bins: dict, wall_s: float) -> tuple[dict, bool]:
+        """Add a finished epoch; returns its metrics.jsonl record and whether it is the new best."""
+        record = {"epoch": epoch, "lr": lr, "train": train, "test": test}
+        self.epoch = epoch
+        self.history.append(record)
+        self.final_bins = bins
+        self.wall_s += wall_s
+        self.train_s += train["time_s"]
+        self.train_images += train["images"]
+        improved = self.best is None or test["top1_err"] < self.best["top1_err"]
+        if improved:
+            self.best = {**test, "epoch": epoch}
+        return record, improved
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "Progress":
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
+
+
 def rng_state() -> dict:
-    """The state of every random number generator this process may draw from."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The state of every random number generator this process may draw from, as tensors and plain values."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -20,7 +64,8 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -33,11 +78,39 @@ def seed_everything(seed: int) -> None:
 
 
 def save(path: str | Path, state: dict) -> None:
-    """Write a checkpoint atomically (temp file + rename): a crash leaves the previous one intact."""
+    """Write a torch file atomically (temp file + rename): a crash leaves the previous one intact."""
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
 def load(path: str | Path) -> dict:
-    # weights_only=False: the checkpoint holds RNG states (numpy arrays, tuples) written by this code.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    """A checkpoint or best.pt, unpickling only tensors and plain values (a crafted file cannot run code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunDirError(f"{path} holds more than tensors and plain values ({first[:160]}); it is not loaded, "
+                          f"since unpickling it could run code (a file from an older cskd, or a crafted one); "
+                          f"re-create it (train with --force)") from None
+    except (OSError, RuntimeError, EOFError) as e:
+        raise RunDirError(f"{path} is not a readable torch file ({type(e).__name__}: {str(e)[:160]}); "
+                          f"re-create it (train with --force)") from None
+
+
+def save_best(out_dir: str | Path, model_state: dict, epoch: int, metrics: dict, classes: list[str]) -> None:
+    """best.pt: the model only (no optimizer), with its epoch, the test metrics it was selected by
+    and the class names of its outputs."""
+    save(Path(out_dir) / rundir.BEST, {"model": model_state, "epoch": epoch, "test": metrics, "classes": classes})
+
+
+def load_weights(run_dir: str | Path, which: str) -> dict:
+    """A run dir's `final` (checkpoint.pt) or `best` (best.pt) file, checked to hold `model` and `epoch`."""
+    name = {"final": rundir.CHECKPOINT, "best": rundir.BEST}[which]
+    path = Path(run_dir) / name
+    if not path.is_file():
+        other = " (or --checkpoint final: runs trained before best.pt existed have none)" if which == "best" else ""
+        raise RunDirError(f"{run_dir} has no {name}; train the run for at least one epoch first{other}")
+    saved = load(path)
+    if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("epoch"), int)):
+        raise RunDirError(f"{path} is not a cskd checkpoint (no model state and epoch); re-create it (--force)")
+    return saved

@@ -6,6 +6,7 @@ config (the chosen method's hyperparameters included) is what gets saved into th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -18,7 +19,7 @@ from cskd.errors import ConfigError
 
 # Keys that change how a run executes but not what it computes: a run dir may be resumed with
 # different values of these.
-RUNTIME_KEYS = ("out_dir", "data.num_workers", "data.loader", "threads", "log_every")
+RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads", "log_every")
 # Renamed keys, still read from older configs (a run dir's saved config.yaml): old -> new.
 RENAMED_KEYS = {"data.augment": "data.pipeline"}
 LIST_SEP = ", "
@@ -55,6 +56,9 @@ class Config:
     lr_schedule: str = "step_reference"
     seed: int = 0
     out_dir: str = "runs/default"
+    # How tables name this run's row (summary.json `label`); empty: the method's name. Grids set
+    # e.g. `cskd-lam3` when they vary a hyperparameter.
+    label: str = ""
     device: str = "auto"  # auto (cuda if available), cpu, cuda
     amp: bool = True  # bf16 autocast; CUDA only, ignored on CPU
     channels_last: bool = True  # CUDA only, ignored on CPU
@@ -120,41 +124,60 @@ def _apply(obj, values: dict, prefix: str, source: str, method_sections: dict) -
             setattr(obj, key, _check_value(full, value, expected, source))
 
 
+def nest(flat: dict) -> dict:
+    """{'a.b': 1, 'c': 2} -> {'a': {'b': 1}, 'c': 2}: dotted keys (a grid's axes, rules) as a config layer."""
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, last = str(key).strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"config key '{key}' sets a key inside '{part}', which is also given a value")
+        node[last] = copy.deepcopy(value)  # a copy: later layers merge into it, never into the caller's dicts
+    return nested
+
+
 def parse_override(text: str) -> dict:
     """'a.b=1' -> {'a': {'b': 1}}; values are parsed as YAML scalars (1, 0.1, true, name)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. lr=0.05)")
     key, raw = text.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else ""
-    nested: dict = {}
-    node = nested
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-    node[parts[-1]] = value
-    return nested
+    return nest({key: yaml.safe_load(raw) if raw.strip() else ""})
 
 
-def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
-    """Build a validated Config from defaults, an optional YAML file and key=value overrides."""
+def read_yaml(path: str | Path, what: str = "config file") -> dict:
+    """A YAML file's top-level mapping, or a ConfigError naming the file (`what`: how to call it)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    try:
+        values = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of keys, not {type(values).__name__}")
+    return values
+
+
+def resolve(layers: list[tuple[dict, str]]) -> Config:
+    """A validated Config from the defaults and nested-dict layers applied in order.
+
+    Each layer is (values, source); the source names the layer in errors ("config file x.yaml",
+    "override 'lr=0.1'", "grid g.yaml axes")."""
     from cskd.methods import METHODS
 
     cfg = Config()
     method_sections: dict[str, dict] = {name: {} for name in METHODS}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            values = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(values).__name__}")
-        _apply(cfg, values, "", path, method_sections)
-    for text in overrides:
-        _apply(cfg, parse_override(text), "", f"override '{text}'", method_sections)
+    for values, source in layers:
+        _apply(cfg, values, "", source, method_sections)
     return validate(cfg, method_sections)
+
+
+def load_config(path: str | None = None, overrides: list[str] = ()) -> Config:
+    """Build a validated Config from defaults, an optional YAML file and key=value overrides."""
+    layers = [(read_yaml(path), str(path))] if path is not None else []
+    return resolve(layers + [(parse_override(text), f"override '{text}'") for text in overrides])
 
 
 def _instantiate_params(params_cls, values: dict, method: str):
@@ -223,12 +246,7 @@ def to_dict(cfg: Config) -> dict:
 
 def from_dict(values: dict) -> Config:
     """Inverse of `to_dict` (used to rebuild a run's config from its saved config.yaml)."""
-    from cskd.methods import METHODS
-
-    cfg = Config()
-    sections = {name: {} for name in METHODS}
-    _apply(cfg, values, "", "saved config", sections)
-    return validate(cfg, sections)
+    return resolve([(values, "saved config")])
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -7,6 +7,7 @@ torchrun, submitit's `TorchDistributedEnvironment().export()` sets the same vari
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,16 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
     return DistEnv(rank, world_size, local_rank, device)
 
 
+def configure_torch(threads: int = 0, deterministic: bool = False) -> None:
+    """This process's torch settings for a run: intra-op threads (0: torch's default) and determinism."""
+    if threads:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for deterministic GEMMs
+        torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = not deterministic
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -119,6 +130,24 @@ def check_identical(value, what: str) -> None:
     values = all_gather_objects(value)
     if any(v != values[0] for v in values):
         raise ConfigError(f"{what} differs across ranks: {values}; launch every rank with the same config")
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank rank `src`'s buffers (BatchNorm running statistics).
+
+    DDP syncs buffers from rank 0 only at the start of the next forward, so after a step that
+    updates them outside that sync (CS-KD's second, partner forward) each rank holds its own. An
+    evaluation with those would score no single model; with rank 0's it scores the checkpoint."""
+    if dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src)
+
+
+def device_name(env: DistEnv) -> str:
+    """The hardware of a run, for summaries and tables: GPU model (or CPU threads and host) x processes."""
+    if env.device.type == "cuda":
+        return f"{torch.cuda.get_device_name(env.device)} x{env.world_size}"
+    return f"cpu ({torch.get_num_threads()} threads/process) x{env.world_size} on {socket.gethostname()}"
 
 
 def barrier() -> None:

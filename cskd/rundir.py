@@ -1,23 +1,36 @@
-"""The run directory: config.yaml, checkpoint.pt, metrics.jsonl, summary.json, reliability.png.
+"""The run directory: its file names, who writes them, and the summary.json schema.
 
-A run dir belongs to one config. Re-running with the same config resumes (or reports the finished
-run); a different config is refused unless `--force`, which removes only the files listed here.
+    <run dir>/
+      config.yaml      the resolved config; written first. Same identity: resume; another: refused
+      metrics.jsonl    one JSON line per finished epoch: {"epoch", "lr", "train": {...}, "test": {...}}
+      checkpoint.pt    the last finished epoch: model, optimizer, scheduler, method state, RNG, progress
+      best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test"}
+      summary.json     written once, last: the run is done (`build_summary` below)
+      reliability.png  the final epoch's reliability diagram
+      job.json         written by launch/ (who runs the run, where its log is); not the trainer's
+
+Every file is replaced atomically. This module is the one place that names them; the trainer
+builds summary.json with `build_summary` and everything else reads it with `read_summary`.
 """
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from cskd import config as config_mod
 from cskd.errors import RunDirError
-from cskd.fileio import write_text
+from cskd.fileio import write_json, write_text
+from cskd.metrics import METRIC_NAMES
 
-CONFIG, CHECKPOINT, METRICS, SUMMARY, RELIABILITY = (
-    "config.yaml", "checkpoint.pt", "metrics.jsonl", "summary.json", "reliability.png")
-ARTIFACTS = (CONFIG, CHECKPOINT, METRICS, SUMMARY, RELIABILITY)
+CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, JOB = (
+    "config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "reliability.png", "job.json")
+ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY)  # the trainer's files; --force removes them
+SUMMARY_SCHEMA = 1
+BEST_NOTE = "best = the epoch of lowest test top1_err; it selects on the test set, like the references"
 
 
 def _saved_identity(path: Path) -> dict:
@@ -26,6 +39,17 @@ def _saved_identity(path: Path) -> dict:
         return config_mod.identity_dict(config_mod.from_dict(saved))
     except Exception as e:  # a hand-edited or foreign file: refuse rather than guess
         raise RunDirError(f"{path} cannot be read as a cskd config ({e}); use another out_dir, or --force") from None
+
+
+def read_config(run_dir: str | Path) -> config_mod.Config:
+    """The resolved config saved in a run dir, validated as any config is."""
+    path = Path(run_dir) / CONFIG
+    if not path.is_file():
+        raise RunDirError(f"{run_dir} has no {CONFIG}: not a cskd run dir (give the directory a run was trained into)")
+    try:
+        return config_mod.from_dict(yaml.safe_load(path.read_text()) or {})
+    except Exception as e:
+        raise RunDirError(f"{path} cannot be read as a cskd config ({str(e)[:200]}); was it edited by hand?") from None
 
 
 def check_same_config(cfg: config_mod.Config) -> None:
@@ -41,12 +65,16 @@ def check_same_config(cfg: config_mod.Config) -> None:
         raise RunDirError(f"{out} holds run files but no {CONFIG}; use another out_dir, or pass --force")
 
 
+def remove_artifacts(out_dir: str | Path) -> None:
+    for name in ARTIFACTS:
+        (Path(out_dir) / name).unlink(missing_ok=True)
+
+
 def prepare(cfg: config_mod.Config, force: bool) -> str:
     """Decide what to do with `cfg.out_dir`: 'new', 'resume' or 'complete'; writes config.yaml."""
     out = Path(cfg.out_dir)
     if force:
-        for name in ARTIFACTS:
-            (out / name).unlink(missing_ok=True)
+        remove_artifacts(out)
     saved = out / CONFIG
     check_same_config(cfg)
     if saved.exists():
@@ -68,3 +96,71 @@ def append_metrics(out_dir: str, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# --- summary.json ------------------------------------------------------------------------------
+
+def build_summary(cfg: config_mod.Config, *, dataset: str, final: dict, best: dict, reliability: dict,
+                  wall_s: float, train_images_per_s: float, world_size: int, device: str) -> dict:
+    """The summary.json of a finished run.
+
+    `final` and `best` hold the test metrics (`cskd.metrics.METRIC_NAMES`, `samples`) and their
+    `epoch`; `dataset` is the prepared dataset's name (meta.json), `label` the row name tables use."""
+    return {
+        "schema": SUMMARY_SCHEMA,
+        "dataset": dataset, "model": cfg.model, "method": cfg.method, "label": cfg.label or cfg.method,
+        "seed": cfg.seed, "final": final, "best": best, "best_note": BEST_NOTE,
+        "epochs": cfg.epochs, "wall_s": wall_s, "train_images_per_s": train_images_per_s,
+        "world_size": world_size, "device": device, "reliability": reliability,
+    }
+
+
+def write_summary(out_dir: str | Path, summary: dict) -> Path:
+    path = Path(out_dir) / SUMMARY
+    write_json(path, summary)
+    return path
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A finished run as tables see it (`read_summary`); `data` is the whole file."""
+
+    path: Path
+    dataset: str
+    model: str
+    method: str
+    label: str
+    seed: int
+    final: dict
+    best: dict
+    device: str
+    data: dict
+
+    @property
+    def reliability(self) -> dict | None:
+        return self.data.get("reliability")
+
+
+def read_summary(path: str | Path) -> Summary:
+    """Read and check a summary.json (a run dir or the file itself); a malformed one is one RunDirError."""
+    path = Path(path)
+    path = path / SUMMARY if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"{path} is not readable JSON ({type(e).__name__}: {e}); delete it to re-run the run"
+                          ) from None
+    problems = [] if isinstance(data, dict) else ["not a JSON object"]
+    data = data if isinstance(data, dict) else {}
+    for key, kind in (("dataset", str), ("model", str), ("method", str), ("seed", int)):
+        if not isinstance(data.get(key), kind):
+            problems.append(f"'{key}' missing or not {kind.__name__}")
+    for epoch in ("final", "best"):
+        metrics = data.get(epoch)
+        missing = [m for m in METRIC_NAMES if not isinstance((metrics or {}).get(m), (int, float))]
+        if missing:
+            problems.append(f"'{epoch}' lacks {', '.join(missing)}")
+    if problems:
+        raise RunDirError(f"{path} is not a cskd summary ({'; '.join(problems)}); delete it to re-run the run")
+    return Summary(path, data["dataset"], data["model"], data["method"], data.get("label") or data["method"],
+                   data["seed"], data["final"], data["best"], str(data.get("device", "?")), data)

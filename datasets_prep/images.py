@@ -106,6 +106,7 @@ class Validation:
     ok: list[bool]  # per sample
     max_side: int  # largest stored side among good samples
     max_bytes: int  # largest stored raw image (h*w*3)
+    shape: tuple[int, int] | None = None  # (h, w) of every good sample if they all share it, else None
     pixels: int = 0
     sums: np.ndarray | None = None
     sumsq: np.ndarray | None = None
@@ -125,7 +126,8 @@ def validate(samples, workers: int = 1, resize: Resize | None = None, stats: boo
     resize = resize or Resize()
     jobs = ((src, resize, stats) for src, _ in samples)
     bad, ok = [], []
-    result = Validation(bad, ok, 0, 0, 0, np.zeros(3), np.zeros(3))
+    result = Validation(bad, ok, 0, 0, None, 0, np.zeros(3), np.zeros(3))
+    shapes = set()
     chunk = max(1, min(256, len(samples) // (4 * max(workers, 1)) or 1))
     pool = Pool(workers) if workers > 1 else None
     try:
@@ -136,6 +138,8 @@ def validate(samples, workers: int = 1, resize: Resize | None = None, stats: boo
                 bad.append((sample_name(samples[i][0], split, i), reason))
                 continue
             result.max_side, result.max_bytes = max(result.max_side, h, w), max(result.max_bytes, h * w * 3)
+            if len(shapes) < 2:
+                shapes.add((h, w))
             if stats:
                 result.pixels += h * w
                 result.sums += s
@@ -143,6 +147,7 @@ def validate(samples, workers: int = 1, resize: Resize | None = None, stats: boo
     finally:
         if pool:
             pool.terminate()
+    result.shape = next(iter(shapes)) if len(shapes) == 1 else None
     return result
 
 

@@ -90,11 +90,12 @@ def read(src: Path | None, args=None) -> Source:
             short[classes[label]] = len(chosen)
         train += chosen
     extra = {"superclasses": [p[3] for p in PARTS], "superclass_of_class": superclass_of_class,
-             "per_class": per_class, "seed": seed, "parts": parts, "short_classes": short}
+             "parts": parts, "short_classes": short}
     if problems:
         extra["part_count_problems"] = problems
     # train: what the recipe yields from complete parts (their counts were checked above)
     expected = {"train": len(train), "test": test_expected}
-    source = Source("mixed", classes, {"train": train, "test": test}, files, expected, extra)
+    source = Source("mixed", classes, {"train": train, "test": test}, files, expected, extra,
+                    params={"per_class": per_class, "seed": seed})
     check_classes(source)
     return source

@@ -26,6 +26,9 @@ class Source:
     files: dict[str, str] = field(default_factory=dict)  # split/label files read -> sha256
     expected: dict[str, int] | None = None  # official split sizes, checked by check_counts
     extra: dict = field(default_factory=dict)  # e.g. super-classes, coarse labels; goes into meta.json
+    # The reader's own options that change what is written (a split seed, a subset size): part of
+    # the conversion's identity, recorded as meta.json conversion.reader.
+    params: dict = field(default_factory=dict)
 
 
 def sha256(path: Path) -> str:

@@ -22,26 +22,6 @@ from datasets_prep.images import Resize, load_rgb, validate
 from datasets_prep.source import Source, check_classes, check_counts, sha256
 
 
-class _ArraySplit:
-    """Indexable (image, label, index) samples, as FFCV's writer wants them."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray):
-        self.images, self.labels = images, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i]), int(i)
-
-
-def _check_images(images: np.ndarray, split: str) -> None:
-    # FFCV's writer hangs forever if a worker raises on a sample (e.g. a grayscale H x W array), so
-    # every sample is validated before the writer starts.
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(f"{split} images must be uint8 N x H x W x 3, got {images.dtype} {images.shape}")
-
-
 def up_to_date(out: Path, meta: dict, keys=None) -> bool:
     """True if `out` already holds exactly this conversion (same source, parameters, complete files):
     its meta.json equals `meta` on `keys` (default: on everything but the files entry)."""
@@ -54,24 +34,6 @@ def up_to_date(out: Path, meta: dict, keys=None) -> bool:
         return False
     return all((out / name).is_file() and (out / name).stat().st_size == info["bytes"]
                for name, info in old.get("files", {}).items())
-
-
-def write_dataset(out: str | os.PathLike, splits: dict[str, tuple[np.ndarray, np.ndarray]], meta: dict,
-                  force: bool = False) -> bool:
-    """Write `splits` ({'train': (images, labels), 'test': ...}) and `meta` to `out`.
-
-    Returns False (and writes nothing) when `out` already holds the identical conversion and
-    `force` is not set.
-    """
-    out = Path(out)
-    if not force and up_to_date(out, meta):
-        return False
-    for split, (images, _) in splits.items():
-        _check_images(images, split)
-    jobs = {split: (_ArraySplit(images, labels), _fields("raw"), 1, 4 * MIN_PAGE)
-            for split, (images, labels) in splits.items()}
-    commit(out, jobs, meta)
-    return True
 
 
 MIN_PAGE = 1 << 21  # FFCV's minimum page size (2 MiB)
@@ -164,7 +126,7 @@ def write_source(out: str | os.PathLike, source: Source, *, resize: Resize = Res
     check_classes(source)
     problems = check_counts(source, strict=not allow_count_mismatch)
     conversion = {"max_side": resize.max_side, "resize": resize.policy, "size": resize.size,
-                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "skip_bad": skip_bad}
+                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "skip_bad": skip_bad, "reader": source.params}
     request = {"name": source.name, "classes": source.classes, "conversion": conversion,
                "source": {"files": source.files, "listed": {s: len(v) for s, v in source.splits.items()}}}
     if not force and up_to_date(out, request, keys=set(request)):
@@ -179,13 +141,15 @@ def write_source(out: str | os.PathLike, source: Source, *, resize: Resize = Res
     splits = {s: [x for x, ok in zip(samples, checks[s].ok) if ok] for s, samples in source.splits.items()}
     check_classes(Source(source.name, source.classes, splits))  # skipping may have emptied a class
     max_side = max(v.max_side for v in checks.values())
+    shapes = {v.shape for v in checks.values()}
+    image_size = list(shapes.pop()) if len(shapes) == 1 and None not in shapes else None
     mode = write_mode if write_mode != "auto" else ("raw" if max_side <= 64 else "smart")
     mean, std = checks["train"].mean_std()
     n = len(source.classes)
     meta = {**request, **source.extra, "num_classes": n,
             "counts": {s: {"total": len(v), "per_class": np.bincount([y for _, y in v], minlength=n).tolist()}
                        for s, v in splits.items()},
-            "image_size": [resize.size] * 2 if resize.policy != "none" else None, "max_side": max_side,
+            "image_size": image_size, "max_side": max_side,
             "mean": mean, "std": std,
             "stats": "mean/std per RGB channel in [0,1] over every pixel of every stored training image",
             "write_mode": mode, "count_check": {"expected": source.expected, "problems": problems},

@@ -1,11 +1,12 @@
 """Turn run dirs into the papers' tables: `python launch/collect.py DIR [--metric M] [--epoch final|best] [--status]`.
 
-Runs are found as DIR/**/summary.json and grouped by the launcher's layout
-`<dataset>/<model>/<method label>/seed<k>/`. As in the CS-KD paper's Tables 1-3, each model gets a
-table with one row per method (cross-entropy first) and one column per dataset; a cell is
-mean ± sample std (ddof=1) over the seeds with the relative change vs. the cross-entropy row in
-parentheses, and the number of seeds behind it ("21.99±0.13 (-11.0%) n=3"). Below the tables come
-the runs that are not done, by state, from the launcher's grid.json manifests (launch/runs.py).
+Runs are found as DIR/**/summary.json, wherever they lie, and grouped by what each summary records
+(`cskd.rundir.read_summary`: dataset, model, label, seed), never by their paths. As in the CS-KD
+paper's Tables 1-3, each model gets a table with one row per method (cross-entropy first) and one
+column per dataset; a cell is mean ± sample std (ddof=1) over the seeds with the relative change
+vs. the cross-entropy row in parentheses, and the number of seeds behind it ("21.99±0.13 (-11.0%)
+n=3"). Below the tables come the runs that are not done, by state, from the launcher's grid.json
+manifests (launch/runs.py).
 The report is also written to DIR/results.md, with DIR/results.csv (both epochs) and one
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
 `--status` prints only each grid's run counts and its unfinished runs.
@@ -15,16 +16,17 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
+from cskd import rundir
+from cskd.errors import CskdError
 from cskd.fileio import write_text
 from cskd.metrics import METRIC_NAMES
 from cskd.plots import reliability_overlay
+from cskd.rundir import Summary, read_summary
 from launch import runs
 from launch.runs import RunStatus
 
@@ -37,39 +39,21 @@ NOT_DONE = ("missing", "pending", "running", "failed", "cancelled", "unknown")
 COUNTED = ("done", "pending", "running", "failed", "cancelled", "missing")  # 'unknown' only when it occurs
 
 
-@dataclass
-class RunResult:
-    dataset: str
-    model: str
-    label: str
-    seed: int
-    summary: dict
-
-
-def find_results(root: str | Path) -> list[RunResult]:
+def find_results(root: str | Path) -> list[Summary]:
     """Every finished run (an atomically written summary.json) under `root`."""
-    results = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        summary = json.loads(path.read_text())
-        parts = path.parent.relative_to(root).parts
-        if len(parts) >= 4:  # <dataset>/<model>/<label>/seed<k>
-            dataset, model, label = parts[-4], parts[-3], parts[-2]
-        else:
-            dataset, model, label = summary["dataset"], summary["model"], summary["method"]
-        results.append(RunResult(dataset, model, label, int(summary["seed"]), summary))
-    return results
+    return [read_summary(path) for path in sorted(Path(root).rglob(rundir.SUMMARY))]
 
 
 def _label_order(label: str) -> tuple:
     return (label != BASELINE, label)
 
 
-def aggregate(results: list[RunResult], metric: str, epochs=EPOCHS) -> list[dict]:
+def aggregate(results: list[Summary], metric: str, epochs=EPOCHS) -> list[dict]:
     """One row per (dataset, model, label, epoch kind): mean, std, n, relative change vs. ce."""
     groups: dict[tuple, list[float]] = {}
     for r in results:
         for kind in epochs:
-            groups.setdefault((r.dataset, r.model, r.label, kind), []).append(float(r.summary[kind][metric]))
+            groups.setdefault((r.dataset, r.model, r.label, kind), []).append(float(getattr(r, kind)[metric]))
     rows = []
     for (dataset, model, label, kind), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                         _label_order(kv[0][2]),
@@ -107,9 +91,9 @@ def markdown_tables(rows: list[dict], epoch: str = "final") -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def footnote(results: list[RunResult]) -> str:
+def footnote(results: list[Summary]) -> str:
     """What the cells mean and the machine(s) behind them."""
-    devices = sorted({str(r.summary.get("device", "?")) for r in results})
+    devices = sorted({r.device for r in results})
     return (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
             f"relative change of the mean vs. the {BASELINE} row of the same dataset and model. final = last "
             f"epoch; best = epoch of lowest test top1_err, i.e. selected on the test set (optimistic, as the "
@@ -131,7 +115,7 @@ def find_grids(root: str | Path) -> list[tuple[str, Path, list[Path]]]:
              for g, m in runs.read_manifests(Path(root))]
     if grids:
         return grids
-    dirs = sorted({p.parent for name in ("config.yaml", runs.SUMMARY) for p in Path(root).rglob(name)})
+    dirs = sorted({p.parent for name in (rundir.CONFIG, rundir.SUMMARY) for p in Path(root).rglob(name)})
     return [("(no grid.json; run dirs on disk)", Path(root), dirs)] if dirs else []
 
 
@@ -173,20 +157,20 @@ def pooled_bins(bins: list[dict]) -> dict:
             "confidence": weighted("confidence")}
 
 
-def write_reliability(root: str | Path, results: list[RunResult]) -> list[Path]:
+def write_reliability(root: str | Path, results: list[Summary]) -> list[Path]:
     """root/reliability_<dataset>_<model>.png per dataset/model: each method's final-epoch bins pooled over seeds."""
-    groups: dict[tuple, dict[str, list[dict]]] = {}
+    groups: dict[tuple, dict[str, list[Summary]]] = {}
     for r in results:
-        if "reliability" in r.summary:
-            groups.setdefault((r.dataset, r.model), {}).setdefault(r.label, []).append(r.summary)
+        if r.reliability:
+            groups.setdefault((r.dataset, r.model), {}).setdefault(r.label, []).append(r)
     paths = []
     for (dataset, model), by_label in sorted(groups.items()):
         curves = {}
         for label in sorted(by_label, key=_label_order):
             summaries = by_label[label]
-            ece = statistics.fmean(s["final"]["ece"] for s in summaries)
+            ece = statistics.fmean(s.final["ece"] for s in summaries)
             curves[f"{label} (mean ECE {ece:.2f}%, n={len(summaries)})"] = pooled_bins(
-                [s["reliability"] for s in summaries])
+                [s.reliability for s in summaries])
         path = Path(root) / f"reliability_{dataset}_{model}.png"
         reliability_overlay(curves, path, f"{dataset} / {model}, final epoch, seeds pooled")
         paths.append(path)
@@ -236,7 +220,11 @@ def main(argv=None) -> int:
     if not Path(args.root).is_dir():
         print(f"error: {args.root} is not a directory", file=sys.stderr)
         return 2
-    print(status_text(args.root) if args.status else report(args.root, args.metric, args.epoch), end="")
+    try:
+        print(status_text(args.root) if args.status else report(args.root, args.metric, args.epoch), end="")
+    except CskdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,10 +22,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cskd import rundir
-from cskd.config import Config, identity_dict, load_config, to_dict
+from cskd.config import Config, identity_dict, nest, read_yaml, resolve, to_dict
 from cskd.errors import ConfigError, CskdError, DataError
 from launch import runs, slurm, submit
 from launch.collect import report
@@ -34,6 +32,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEMO_GRID = REPO / "grids" / "demo.yaml"
 GRID_KEYS = {"name", "base", "axes", "overrides", "rules", "seeds", "resources"}
 NAMING_KEYS = ("method", "model", "data.path", "seed")  # already in the run dir's path
+LAYOUT_KEYS = {"seed", "out_dir", "label"}  # set by the grid itself
 RESOURCE_FLAGS = ("partition", "nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "time",
                   "array_parallelism")
 
@@ -60,28 +59,40 @@ def _flat(cfg: Config) -> dict:
     return flat
 
 
-def _rule_overrides(rules: list, cfg: Config, where: str) -> list[str]:
-    """`key=value` overrides of every rule whose `if` matches the config (a list value = any of)."""
-    flat, extra = _flat(cfg), []
+def _matching_rules(rules: list, cfg: Config, where: str) -> list[tuple[dict, str]]:
+    """The `set` layers of every rule whose `if` matches the config (a list value = any of)."""
+    flat, layers = _flat(cfg), []
     for i, rule in enumerate(rules):
-        if not isinstance(rule, dict) or set(rule) != {"if", "set"}:
-            raise ConfigError(f"{where}: rules[{i}] must have exactly the keys 'if' and 'set'")
+        if not isinstance(rule, dict) or set(rule) != {"if", "set"} or not all(
+                isinstance(rule[k], dict) for k in ("if", "set")):
+            raise ConfigError(f"{where}: rules[{i}] must have exactly the keys 'if' and 'set', each a mapping")
         for key in rule["if"]:
             if key not in flat:
                 raise ConfigError(f"{where}: rules[{i}] tests unknown config key '{key}'")
+        _check_layout_keys(rule["set"], f"{where}: rules[{i}].set")
         if all(flat[k] in (v if isinstance(v, list) else [v]) for k, v in rule["if"].items()):
-            extra += [f"{k}={json.dumps(v)}" for k, v in rule["set"].items()]
-    return extra
+            layers.append((nest(rule["set"]), f"{where} rules[{i}].set"))
+    return layers
+
+
+def _check_layout_keys(keys, where: str) -> None:
+    """Seeds, out_dir and label come from the grid's own structure, never from its overrides."""
+    taken = sorted(set(keys) & LAYOUT_KEYS)
+    if taken:
+        raise ConfigError(f"{where} sets {', '.join(taken)}: seeds come from the grid's 'seeds' list, out_dir and "
+                          f"label from its layout (use --out for the root)")
 
 
 def load_grid(grid_path: Path) -> dict:
-    grid = yaml.safe_load(grid_path.read_text()) or {}
-    if not isinstance(grid, dict):
-        raise ConfigError(f"grid {grid_path} must hold a mapping ({', '.join(sorted(GRID_KEYS))})")
+    grid = read_yaml(grid_path, "grid")
     unknown = set(grid) - GRID_KEYS
     if unknown:
         raise ConfigError(f"grid {grid_path}: unknown key(s) {', '.join(sorted(unknown))}; valid: "
                           f"{', '.join(sorted(GRID_KEYS))}")
+    for key in ("axes", "overrides"):
+        if not isinstance(grid.get(key) or {}, dict):
+            raise ConfigError(f"grid {grid_path}: '{key}' must map dotted config keys to values")
+        _check_layout_keys(grid.get(key) or {}, f"grid {grid_path}: '{key}'")
     for key, values in (grid.get("axes") or {}).items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"grid {grid_path}: axis '{key}' must be a non-empty list, got {values!r}")
@@ -97,25 +108,36 @@ def grid_name(grid_path: Path) -> str:
     return str(load_grid(grid_path).get("name", grid_path.stem))
 
 
+def _base_path(grid_path: Path, base: str | None) -> Path | None:
+    """The grid's base config: relative to the grid file, else to the repository root."""
+    if base is None:
+        return None
+    path = Path(base) if Path(base).is_absolute() else grid_path.parent / base
+    return REPO / base if not path.exists() and (REPO / base).exists() else path
+
+
 def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
-    """The output root and the runs of a grid YAML, each with a resolved config and its run dir set."""
+    """The output root and the runs of a grid YAML, each with a resolved config and its run dir set.
+
+    A run's config is built from nested dicts, defaults <- base YAML <- overrides <- axes <- rules
+    <- seed; rules are matched against the config the other layers give."""
     grid = load_grid(grid_path)
-    base = grid.get("base")
-    base_path = None if base is None else str((grid_path.parent / base) if not Path(base).is_absolute() else base)
-    if base_path and not Path(base_path).exists() and (REPO / base).exists():
-        base_path = str(REPO / base)  # grids name their base relative to the repo root
+    where = f"grid {grid_path}"
+    base_path = _base_path(grid_path, grid.get("base"))
+    base = [(read_yaml(base_path), f"config file {base_path}")] if base_path else []
+    fixed = [(nest(grid.get("overrides") or {}), f"{where} overrides")]
     axes = grid.get("axes") or {}
-    fixed = [f"{k}={json.dumps(v)}" for k, v in (grid.get("overrides") or {}).items()]
     out = Path(out or REPO / "runs" / grid_name(grid_path)).absolute()  # jobs may start in another directory
     result = []
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))
+        layers = base + fixed + [(nest(combo), f"{where} axes")]
         for seed in grid.get("seeds", [0]):
-            overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in combo.items()] + [f"seed={seed}"]
-            cfg = load_config(base_path, overrides)
-            ruled = _rule_overrides(grid.get("rules") or [], cfg, str(grid_path))
-            cfg = load_config(base_path, overrides + ruled) if ruled else cfg
-            cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / _label(cfg.method, combo) / f"seed{seed}")
+            seeded = [({"seed": seed}, f"{where} seeds")]
+            ruled = _matching_rules(grid.get("rules") or [], resolve(layers + seeded), where)
+            cfg = resolve(layers + ruled + seeded)
+            cfg.label = _label(cfg.method, combo)
+            cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / cfg.label / f"seed{seed}")
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
             result.append(Run(cfg, digest))
     return out, result
@@ -143,7 +165,7 @@ def _key_value(text: str) -> tuple[str, object]:
 
 def ensure_data(path: str) -> None:
     """Prepare a dataset that needs no download (mnist5k) if it is missing; otherwise name the fix."""
-    from cskd.data import open_dataset
+    from cskd.dataset import open_dataset
 
     try:
         open_dataset(path)
@@ -200,8 +222,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if not args.grid.is_file():
-            raise ConfigError(f"grid file {args.grid} does not exist")
         root, all_runs = expand(args.grid, args.out)
         resources = resources_of(args.grid, args)
         on_slurm = resources.partition is not None and not args.local
@@ -228,11 +248,11 @@ def _start(args, root: Path, all_runs: list[Run], todo: list[Run]) -> None:
     for path in sorted({r.config.data.path for r in todo}):
         ensure_data(path)
     for run in todo if args.force else ():
-        for artifact in (*rundir.ARTIFACTS, runs.JOB_RECORD):
-            (run.out_dir / artifact).unlink(missing_ok=True)
+        rundir.remove_artifacts(run.out_dir)
+        (run.out_dir / rundir.JOB).unlink(missing_ok=True)
     runs.write_manifest(root, grid_name(args.grid), [
         {"run_id": r.run_id, "dir": str(r.out_dir.relative_to(root)), "dataset": Path(r.config.data.path).name,
-         "model": r.config.model, "method": r.out_dir.parent.name, "seed": r.config.seed} for r in all_runs])
+         "model": r.config.model, "label": r.config.label, "seed": r.config.seed} for r in all_runs])
 
 
 def launch_slurm(args, root: Path, all_runs: list[Run], resources: slurm.Resources) -> int:

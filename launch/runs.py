@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cskd import rundir
 from cskd.fileio import write_json
 from launch import slurm
 
-MANIFEST, JOB_RECORD, SUMMARY = "grid.json", "job.json", "summary.json"
+MANIFEST = "grid.json"
 STATES = ("done", "running", "pending", "failed", "cancelled", "missing", "unknown")
 
 
@@ -41,13 +42,13 @@ def read_manifests(root: Path) -> list[tuple[Path, dict]]:
 
 
 def write_job_record(run_dir: Path, scheduler: str, job_id: str, log: str | None, **extra) -> None:
-    write_json(run_dir / JOB_RECORD, {"scheduler": scheduler, "job_id": job_id, "log": log,
+    write_json(run_dir / rundir.JOB, {"scheduler": scheduler, "job_id": job_id, "log": log,
                                       "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **extra})
 
 
 def read_job_record(run_dir: Path) -> dict | None:
     try:
-        return json.loads((run_dir / JOB_RECORD).read_text())
+        return json.loads((run_dir / rundir.JOB).read_text())
     except (OSError, ValueError):
         return None
 
@@ -89,7 +90,7 @@ def _from_slurm(record: dict, state: str | None) -> RunStatus:
 
 def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
     """The status of each run dir; asks Slurm (one squeue + one sacct) only about unfinished Slurm runs."""
-    records = {d: read_job_record(d) for d in run_dirs if not (d / SUMMARY).exists()}
+    records = {d: read_job_record(d) for d in run_dirs if not (d / rundir.SUMMARY).exists()}
     slurm_ids = [r["job_id"] for r in records.values() if r and r.get("scheduler") == "slurm"]
     try:
         states, unreachable = slurm.job_states(slurm_ids), None
@@ -98,9 +99,9 @@ def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
     result = {}
     for d in run_dirs:
         record = records.get(d)
-        if (d / SUMMARY).exists():
+        if (d / rundir.SUMMARY).exists():
             result[d] = RunStatus("done")
-        elif record is None and (d / "config.yaml").exists():  # started by hand or by an older launcher
+        elif record is None and (d / rundir.CONFIG).exists():  # started by hand or by an older launcher
             result[d] = RunStatus("unknown", "started (config.yaml) but no summary.json and no job.json")
         elif record is None:
             result[d] = RunStatus("missing")

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,18 @@ def mnist_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "mnist5k"
     assert prep(["mnist5k", "--out", str(out)]) == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def ddp_cskd_run(mnist_dir, tmp_path_factory):
+    """One real 2-process torchrun CS-KD run on CPU (2 epochs, deterministic), shared by the tests that
+    inspect a distributed run: (run dir, its CompletedProcess)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    args = train_args(mnist_dir, out, "method=cskd", "epochs=2", "deterministic=true")  # starts with -m cskd.train
+    res = subprocess.run([*TORCHRUN, "--nproc_per_node=2", *args], capture_output=True, text=True, timeout=600,
+                         cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out, res
 
 
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO):

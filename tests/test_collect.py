@@ -8,6 +8,7 @@ The grid under test (top1_err, final / best epoch):
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -245,3 +246,40 @@ def test_cli(root, capsys):
 def test_empty_dir_writes_nothing(tmp_path):
     assert collect.main([str(tmp_path)]) == 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tables_come_from_summaries_not_paths(root, tmp_path):
+    """Run dirs moved anywhere (other root, other depth, other names) give the same tables."""
+    expected = {epoch: collect.markdown_tables(collect.aggregate(collect.find_results(root), "top1_err"), epoch)
+                for epoch in collect.EPOCHS}
+    moved = tmp_path / "elsewhere"
+    for i, summary_path in enumerate(sorted(root.rglob("summary.json"))):
+        target = moved / ("deep/er" if i % 2 else "") / f"run{i}"
+        target.mkdir(parents=True)
+        shutil.copy(summary_path, target / "summary.json")
+    results = collect.find_results(moved)
+    assert len(results) == 11
+    for epoch in collect.EPOCHS:
+        assert collect.markdown_tables(collect.aggregate(results, "top1_err"), epoch) == expected[epoch]
+
+
+def test_label_names_the_row(tmp_path):
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        run_dir = add_run(root, "d", "m", "cskd", seed, final=5.0 + seed, best=4.0)
+        data = json.loads((run_dir / "summary.json").read_text())
+        (run_dir / "summary.json").write_text(json.dumps({**data, "label": "cskd-lam3"}))
+    add_run(root, "d", "m", "cskd", 2, final=1.0, best=1.0)
+    cells, _, methods = table(collect.report(root), "m")
+    assert methods == ["cskd", "cskd-lam3"] and cells["cskd-lam3"]["d"] == "5.50±0.71 n=2"
+
+
+def test_malformed_summary_is_one_line(tmp_path):
+    root = tmp_path / "runs"
+    run_dir = add_run(root, "d", "m", "ce", 0, final=5.0, best=4.0)
+    data = json.loads((run_dir / "summary.json").read_text())
+    del data["final"]["nll"]
+    (run_dir / "summary.json").write_text(json.dumps(data))
+    res = cli(str(root))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert "is not a cskd summary ('final' lacks nll); delete it to re-run the run" in res.stderr

@@ -1,6 +1,6 @@
 import pytest
 
-from cskd.config import diff_keys, dump_yaml, from_dict, identity_dict, load_config, to_dict
+from cskd.config import diff_keys, dump_yaml, from_dict, identity_dict, load_config, nest, resolve, to_dict
 from cskd.errors import ConfigError
 
 
@@ -78,3 +78,22 @@ def test_round_trip_and_identity():
     assert identity_dict(cfg) == identity_dict(other)  # runtime-only keys do not change a run
     assert diff_keys(identity_dict(cfg), identity_dict(load_config(None, ["method=cskd"]))) == ["cskd.lam"]
     assert "cskd" not in to_dict(load_config(None, ["cskd.lam=2"]))  # inactive method sections are dropped
+
+
+def test_layers_of_nested_dicts_keep_their_values_and_name_their_source():
+    axis = {"data.path": "data/a b", "cskd.lam": 3, "method": "cskd"}
+    layer = nest(axis)
+    assert layer == {"data": {"path": "data/a b"}, "cskd": {"lam": 3}, "method": "cskd"}
+    base = {"cskd": {"temperature": 2}, "lr": "5e-2"}
+    cfg = resolve([(base, "base"), (layer, "axes"), (nest({"cskd.temperature": 1.5}), "rules[0]")])
+    assert (cfg.data.path, cfg.lr, cfg.method_params.lam, cfg.method_params.temperature) == ("data/a b", 0.05, 3, 1.5)
+    assert base == {"cskd": {"temperature": 2}, "lr": "5e-2"}  # layers are read, never merged into
+    with pytest.raises(ConfigError, match=r"'epochs' expects int, got 'x' \(str\) from grid g.yaml axes"):
+        resolve([({"epochs": "x"}, "grid g.yaml axes")])
+    with pytest.raises(ConfigError, match=r"config key 'data.path' sets a key inside 'data', which is also given"):
+        nest({"data": "x", "data.path": "y"})
+
+
+def test_label_is_a_runtime_key():
+    a, b = load_config(None, ["label=cskd-lam3"]), load_config(None, [])
+    assert a.label == "cskd-lam3" and identity_dict(a) == identity_dict(b)

@@ -4,16 +4,18 @@ import numpy as np
 import pytest
 import torch
 
+from cskd.batch import LoaderSpec, Sampling, Shard
 from cskd.config import load_config
-from cskd.data import EvalLoader, TrainLoader, open_dataset
+from cskd.dataset import open_dataset
 from cskd.errors import ConfigError, DataError
-from cskd.methods import Sampling
+from cskd.ffcv_loader import EvalLoader, TrainLoader
 from cskd.orders import epoch_order
 
 
 def make_train(info, sampling, world=1, rank=0, per_rank=64, views=1, policy="crop"):
-    return TrainLoader(info, per_rank, world, rank, seed=7, sampling=sampling, num_views=views, pipeline=policy,
-                       num_workers=1, os_cache=True, device=torch.device("cpu"), channels_last=False)
+    spec = LoaderSpec(dataset=info, batch_per_rank=per_rank, seed=7, sampling=sampling, num_views=views,
+                      pipeline=policy)
+    return TrainLoader(spec, shard=Shard(rank, world))
 
 
 def test_paired_batches_from_ffcv(mnist_dir):
@@ -70,7 +72,8 @@ def test_two_ranks_split_the_epoch(mnist_dir):
 
 def test_eval_loader_covers_each_sample_once(mnist_dir):
     info = open_dataset(str(mnist_dir))
-    loaders = [EvalLoader(info, "test", 300, 3, r, 1, True, torch.device("cpu"), False, "none") for r in range(3)]
+    spec = LoaderSpec(dataset=info, batch_per_rank=64, eval_batch=300, pipeline="none")
+    loaders = [EvalLoader(spec, shard=Shard(r, 3)) for r in range(3)]
     parts = [torch.cat([idx for _, _, idx in loader]) for loader in loaders]
     assert sorted(torch.cat(parts).tolist()) == list(range(1000))
 

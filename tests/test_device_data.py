@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from cskd import augment as A
-from cskd.data import EvalLoader, TrainLoader, open_dataset
-from cskd.device_data import DeviceEvalLoader, DeviceTrainLoader
+from cskd.batch import LoaderSpec, Sampling, Shard
+from cskd.dataset import open_dataset
+from cskd.device_loader import DeviceEvalLoader, DeviceTrainLoader
 from cskd.errors import ConfigError
-from cskd.methods import Sampling
+from cskd.ffcv_loader import EvalLoader, TrainLoader
 from cskd.orders import epoch_order
 from conftest import run_cli, train_args
 
@@ -26,9 +27,10 @@ def gen(seed=0):
 @pytest.mark.parametrize("world, rank, pipeline, views", [(1, 0, "none", 1), (2, 1, "cifar", 2)])
 def test_device_batches_equal_ffcv_batches(mnist_dir, world, rank, pipeline, views):
     info = open_dataset(str(mnist_dir))
-    args = (info, 64 // world, world, rank, 7, Sampling("class_pairs"), views, pipeline)
-    ffcv = TrainLoader(*args, 1, True, CPU, False)
-    device = DeviceTrainLoader(*args, CPU, False)
+    spec = LoaderSpec(dataset=info, batch_per_rank=64 // world, seed=7, sampling=Sampling("class_pairs"),
+                      num_views=views, pipeline=pipeline)
+    ffcv = TrainLoader(spec, shard=Shard(rank, world))
+    device = DeviceTrainLoader(spec, shard=Shard(rank, world))
     assert len(device) == len(ffcv)
     batches = list(device.epoch(3))
     for a, b in zip(batches, ffcv.epoch(3), strict=True):
@@ -41,17 +43,17 @@ def test_device_batches_equal_ffcv_batches(mnist_dir, world, rank, pipeline, vie
 
 
 def test_device_eval_equals_ffcv_eval(mnist_dir):
-    info = open_dataset(str(mnist_dir))
+    spec = LoaderSpec(dataset=open_dataset(str(mnist_dir)), batch_per_rank=1, eval_batch=300, pipeline="crop")
     for rank in range(3):
-        ffcv = EvalLoader(info, "test", 300, 3, rank, 1, True, CPU, False, "crop")
-        device = DeviceEvalLoader(info, "test", 300, 3, rank, CPU, False, "crop")
+        ffcv = EvalLoader(spec, shard=Shard(rank, 3))
+        device = DeviceEvalLoader(spec, shard=Shard(rank, 3))
         for a, b in zip(device, ffcv, strict=True):
             assert all(torch.equal(u, v) for u, v in zip(a, b))
 
 
 def test_device_epoch_replays_when_recreated(mnist_dir):
     info = open_dataset(str(mnist_dir))
-    make = lambda: DeviceTrainLoader(info, 128, 1, 0, 3, Sampling(), 1, "cifar", CPU, False)  # noqa: E731
+    make = lambda: DeviceTrainLoader(LoaderSpec(dataset=info, batch_per_rank=128, seed=3))  # noqa: E731
     first = list(make().epoch(2))
     other = make()
     list(other.epoch(0))  # a different history before epoch 2
@@ -78,9 +80,8 @@ def write_jpeg_dataset(root, shapes):
 
 
 def test_device_loader_decodes_fixed_size_jpegs_as_ffcv(tmp_path):
-    info = write_jpeg_dataset(tmp_path, [(40, 48)] * 10)
-    args = (info, 4, 1, 0, 0, Sampling(), 1, "cifar")
-    pairs = zip(DeviceTrainLoader(*args, CPU, False).epoch(1), TrainLoader(*args, 1, True, CPU, False).epoch(1))
+    spec = LoaderSpec(dataset=write_jpeg_dataset(tmp_path, [(40, 48)] * 10), batch_per_rank=4)
+    pairs = zip(DeviceTrainLoader(spec).epoch(1), TrainLoader(spec).epoch(1))
     for a, b in pairs:
         assert torch.equal(a.index, b.index) and torch.equal(a.images, b.images)
 
@@ -88,13 +89,14 @@ def test_device_loader_decodes_fixed_size_jpegs_as_ffcv(tmp_path):
 def test_variable_sizes_go_through_ffcv_crop_decoders(tmp_path):
     info = write_jpeg_dataset(tmp_path, [(40 + 8 * i, 60 - 4 * i) for i in range(6)])
     assert info.image_shape == {"train": None, "test": None}
+    imagenet = LoaderSpec(dataset=info, batch_per_rank=4, eval_batch=4, pipeline="imagenet224")
     with pytest.raises(ConfigError, match=r"varying sizes; re-convert the dataset with a fixed --size"):
-        DeviceTrainLoader(info, 4, 1, 0, 0, Sampling(), 1, "imagenet224", CPU, False)
+        DeviceTrainLoader(imagenet)
     with pytest.raises(ConfigError, match=r"cannot batch; use data.pipeline=imagenet224, or re-convert"):
-        TrainLoader(info, 4, 1, 0, 0, Sampling(), 1, "cifar", 1, True, CPU, False)
-    train = TrainLoader(info, 4, 1, 0, 0, Sampling(), 1, "imagenet224", 1, True, CPU, False)
+        TrainLoader(LoaderSpec(dataset=info, batch_per_rank=4, pipeline="cifar"))
+    train = TrainLoader(imagenet)
     assert [b.images.shape for b in train.epoch(0)] == [(4, 3, 224, 224), (2, 3, 224, 224)]
-    test = EvalLoader(info, "test", 4, 1, 0, 1, True, CPU, False, "imagenet224")
+    test = EvalLoader(imagenet)
     assert [x.shape for x, _, _ in test] == [(4, 3, 224, 224), (2, 3, 224, 224)]
 
 

@@ -1,4 +1,5 @@
 import csv
+import re
 import json
 
 import pytest
@@ -125,3 +126,74 @@ def test_partition_without_slurm_names_what_to_check(tmp_path):
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "'scontrol' is not on PATH" in res.stderr and "leave out --partition" in res.stderr
     assert not (tmp_path / "out").exists()
+
+
+TRICKY = {
+    "name": "tricky grid", "base": BASE,
+    "axes": {"method": ["ce", "cskd"], "data.path": ["data/my mnist", "/abs/path with spaces/set-2"],
+             "lr": [0.1, 5.0e-2, "1e-4"], "nesterov": [True, False]},  # '1e-4': YAML 1.1 reads it as a string
+    "overrides": {"weight_decay": "5e-4", "epochs": 3, "data.pipeline": "none"},
+    "rules": [{"if": {"method": "cskd", "data.path": ["data/my mnist"]},
+               "set": {"cskd.lam": 3, "cskd.temperature": 2.5}},
+              {"if": {"lr": ["1e-4", 0.0001], "nesterov": False}, "set": {"momentum": 0.5}}],
+    "seeds": [0, 7],
+}
+
+
+def string_round_trip(grid: dict) -> list[dict]:
+    """The configs as the expansion used to build them: every value written as `key=<json>` and parsed back."""
+    import itertools
+    import json
+
+    from cskd.config import load_config, to_dict
+    from launch.grid import _flat
+
+    base, configs = str(REPO / grid["base"]), []
+    fixed = [f"{k}={json.dumps(v)}" for k, v in grid["overrides"].items()]
+    for values in itertools.product(*grid["axes"].values()):
+        for seed in grid["seeds"]:
+            overrides = fixed + [f"{k}={json.dumps(v)}" for k, v in zip(grid["axes"], values)] + [f"seed={seed}"]
+            flat = _flat(load_config(base, overrides))
+            for rule in grid["rules"]:
+                if all(flat[k] in (v if isinstance(v, list) else [v]) for k, v in rule["if"].items()):
+                    overrides += [f"{k}={json.dumps(v)}" for k, v in rule["set"].items()]
+            configs.append(to_dict(load_config(base, overrides)))
+    return configs
+
+
+def test_expansion_from_nested_dicts_equals_the_string_round_trip(tmp_path):
+    from cskd.config import to_dict
+    from launch.grid import expand
+
+    path = write_grid(tmp_path / "g.yaml", **TRICKY)
+    _, runs = expand(path, tmp_path / "out")
+    got = [to_dict(r.config) for r in runs]
+    for config in got:
+        assert config.pop("out_dir").startswith(str(tmp_path / "out")) and config.pop("label")
+    expected = string_round_trip(yaml.safe_load(path.read_text()))  # as read back: the axes in file order
+    for config in expected:
+        del config["out_dir"], config["label"]
+    assert got == expected and len(got) == 48
+    paths = {r.config.data.path for r in runs}
+    assert paths == {"data/my mnist", "/abs/path with spaces/set-2"}
+    assert {r.config.lr for r in runs} == {0.1, 0.05, 1e-4} and {r.config.weight_decay for r in runs} == {5e-4}
+    ruled = [r for r in runs if r.config.method == "cskd" and r.config.data.path == "data/my mnist"]
+    assert len(ruled) == 12 and all((r.config.method_params.lam, r.config.method_params.temperature) == (3, 2.5)
+                                    for r in ruled)
+    assert {r.config.momentum for r in runs if r.config.lr == 1e-4 and not r.config.nesterov} == {0.5}
+    assert runs[0].out_dir == tmp_path / "out" / "my mnist" / "small_cnn" / "ce-lr0.1-nesterovTrue" / "seed0"
+    # identities as the string-based expansion computed them: relaunches recognise earlier runs
+    assert [r.run_id for r in runs[:3]] == ["b4c619001d", "bbb92fc1fc", "d43a91cd57"]
+
+
+@pytest.mark.parametrize("where, grid", [
+    ("'overrides'", {"overrides": {"seed": 3}}),
+    ("'axes'", {"axes": {"out_dir": ["x"]}}),
+    ("rules[0].set", {"rules": [{"if": {"method": "ce"}, "set": {"label": "x"}}]}),
+])
+def test_grid_cannot_set_its_layout_keys(tmp_path, where, grid):
+    from cskd.errors import ConfigError
+    from launch.grid import expand
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(where)} sets (seed|out_dir|label): seeds come from the grid's"):
+        expand(write_grid(tmp_path / "g.yaml", base=BASE, **grid), tmp_path / "out")

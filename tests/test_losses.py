@@ -5,7 +5,8 @@ import torch
 
 from cskd.config import load_config
 from cskd.losses import cross_entropy, cskd_loss, kd_kl_div
-from cskd.methods import METHODS, Batch
+from cskd.batch import Batch
+from cskd.methods import METHODS
 
 
 def test_kd_kl_div_hand_value_t1():

@@ -24,7 +24,8 @@ def test_mnist5k_layout_counts_and_fields(mnist_dir):
     assert meta["classes"] == [str(c) for c in range(10)] and meta["num_classes"] == 10
     assert meta["counts"]["train"] == {"total": 4000, "per_class": [400] * 10}
     assert meta["counts"]["test"] == {"total": 1000, "per_class": [100] * 10}
-    assert meta["source"]["sha256"] and meta["conversion"]["seed"] == 0
+    assert list(meta["source"]["files"]) == ["mnist_5k.csv.gz"] and meta["conversion"]["reader"]["seed"] == 0
+    assert meta["image_size"] == [32, 32] and meta["name"] == "mnist5k"
     for split, n in (("train", 4000), ("test", 1000)):
         assert meta["files"][f"{split}.beton"]["bytes"] == (mnist_dir / f"{split}.beton").stat().st_size
         images, labels, index = read_split(mnist_dir / f"{split}.beton")
@@ -86,7 +87,7 @@ def test_interrupted_rewrite_keeps_dataset_unusable_rather_than_mixed(mnist_dir,
         prep(["mnist5k", "--out", str(out), "--force"])
     # the old, complete dataset is untouched: the writer failed before anything was moved in
     assert sorted(p.name for p in out.iterdir()) == ["meta.json", "test.beton", "train.beton"]
-    from cskd.data import open_dataset
+    from cskd.dataset import open_dataset
 
     assert len(open_dataset(str(out)).labels["train"]) == 4000
 

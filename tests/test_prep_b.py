@@ -362,4 +362,4 @@ def test_cli_mixed_from_separate_parts(tmp_path):
     assert meta["classes"] == CUB + DOGS + MIT and meta["num_classes"] == 8
     assert meta["superclass_of_class"] == ["bird"] * 2 + ["dog"] * 3 + ["indoor"] * 3
     assert meta["counts"]["train"] == {"total": 16, "per_class": [2] * 8}
-    assert meta["counts"]["test"]["total"] == 8 and meta["seed"] == 3 and meta["per_class"] == 2
+    assert meta["counts"]["test"]["total"] == 8 and meta["conversion"]["reader"] == {"per_class": 2, "seed": 3}

@@ -19,30 +19,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from cskd.batch import Batch, Sampling
+
 METHODS: dict[str, type["Method"]] = {}
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the training order is drawn. `class_pairs`: batch = B anchors then B same-class partners."""
-
-    kind: str = "random"  # "random" or "class_pairs"
-    exclude_self: bool = False  # class_pairs: never pair a sample with itself (classes of size > 1)
-
-
-@dataclass
-class Batch:
-    """One training step's data on the device, augmented and normalised."""
-
-    images: torch.Tensor  # anchors, (B, C, H, W)
-    labels: torch.Tensor  # (B,) int64
-    index: torch.Tensor  # (B,) int64, position of each sample in the training set
-    pair_images: torch.Tensor | None = None  # class_pairs: partner i has the label of anchor i
-    pair_labels: torch.Tensor | None = None
-    pair_index: torch.Tensor | None = None
-    views: list[torch.Tensor] = field(default_factory=list)  # num_views - 1 extra views of the anchors
-    epoch: int = 0
-    step: int = 0
 
 
 @dataclass

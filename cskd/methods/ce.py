@@ -1,6 +1,7 @@
 """Cross-entropy baseline: random order, mean CE over the batch."""
+from cskd.batch import Batch
 from cskd.losses import cross_entropy
-from cskd.methods.base import Batch, Method, StepOutput, register_method
+from cskd.methods.base import Method, StepOutput, register_method
 
 
 @register_method("ce")

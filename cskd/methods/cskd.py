@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 
+from cskd.batch import Batch, Sampling
 from cskd.errors import ConfigError
 from cskd.losses import cross_entropy, kd_kl_div
-from cskd.methods.base import Batch, Method, Sampling, StepOutput, register_method
+from cskd.methods.base import Method, StepOutput, register_method
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Device-resident loaders (`data.loader: device`) and the factory that picks a loader for train.py.
+"""Device-resident loaders (`data.loader: device`): a whole split held as one uint8 tensor.
 
 A split with one fixed stored image size is read once into a single uint8 NHWC tensor on the
 training device (RAM on CPU), with its labels and sample indices. Each epoch then computes the
 same order as the FFCV path (`cskd.orders.epoch_order`: same seeds, same per-rank slices, same
 partners), gathers every batch by indexing that tensor, and runs the same batched transform
-(`cskd.data.make_batch`) with the same seeded generator: for the same config the batches equal the
+(`cskd.batch.make_batch`) with the same seeded generator: for the same config the batches equal the
 FFCV loader's, pixel for pixel, without FFCV's decode threads, JIT or host-to-device copies.
 """
 from __future__ import annotations
@@ -17,10 +17,9 @@ import torch
 
 from cskd import orders
 from cskd.augment import Transform
-from cskd.data import (DatasetInfo, EvalLoader, TrainLoader, _import_ffcv, epoch_generator, make_batch,
-                       shard_ids)
+from cskd.batch import Batch, LoaderSpec, Shard, epoch_generator, make_batch
+from cskd.dataset import DatasetInfo, eval_ids, import_ffcv
 from cskd.errors import ConfigError, DataError
-from cskd.methods.base import Batch, Sampling
 
 RAW_MODE = 1  # ffcv.fields.rgb_image.IMAGE_MODES['raw']
 MEMORY_SHARE = 0.5  # a split may take at most this share of free device memory: the model needs the rest
@@ -58,7 +57,7 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
     if need > MEMORY_SHARE * free:
         raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, more than "
                         f"{MEMORY_SHARE:.0%} of the {free / 2**30:.2f} GiB free on {device}; use data.loader=ffcv")
-    _import_ffcv()
+    import_ffcv()
     from ffcv.reader import Reader
 
     reader = Reader(info.beton(split))
@@ -79,68 +78,48 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
 
 
 class DeviceTrainLoader:
-    """Drop-in for `cskd.data.TrainLoader`: the same batches, from a split held on the device."""
+    """Drop-in for `cskd.ffcv_loader.TrainLoader`: the same batches, from a split held on the device."""
 
-    def __init__(self, info: DatasetInfo, per_rank_batch: int, world_size: int, rank: int, seed: int,
-                 sampling: Sampling, num_views: int, pipeline: str, device: torch.device, channels_last: bool,
-                 color_jitter: float = 0.0, lighting: float = 0.0):
-        self.images, self.labels, self.index = read_split(info, "train", device)
-        self.paired = sampling.kind == "class_pairs"
-        labels = info.labels["train"]
-        self.order_args = dict(labels=labels, batch_size=per_rank_batch * world_size, world_size=world_size,
-                               rank=rank, seed=seed, paired=self.paired, exclude_self=sampling.exclude_self,
-                               index=orders.ClassIndex.build(labels))
-        self.steps = orders.steps_per_epoch(len(labels), per_rank_batch * world_size, world_size)
-        self.seed, self.rank, self.device, self.num_views = seed, rank, device, num_views
-        self.transform = Transform(pipeline, info.meta, device, channels_last, color_jitter, lighting)
+    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard()):
+        self.images, self.labels, self.index = read_split(spec.dataset, "train", spec.device)
+        self.spec, self.shard = spec, shard
+        self.order_args = spec.order_args(shard)
+        self.steps = orders.steps_per_epoch(len(self.labels), spec.batch_per_rank * shard.world_size,
+                                            shard.world_size)
+        self.transform = Transform(spec.pipeline, spec.dataset.meta, spec.device, spec.channels_last,
+                                   spec.color_jitter, spec.lighting)
 
     def __len__(self) -> int:
         return self.steps
 
     def epoch(self, epoch: int) -> Iterator[Batch]:
         """The batches of `epoch`, a pure function of (seed, epoch, rank): resuming replays it exactly."""
+        spec = self.spec
         ids, sizes = orders.epoch_order(epoch=epoch, **self.order_args)
-        ids = torch.from_numpy(ids).to(self.device)  # one copy per epoch, then index arithmetic on the device
-        gen = epoch_generator(self.seed, epoch, self.rank, self.device)
-        factor = 2 if self.paired else 1
+        ids = torch.from_numpy(ids).to(spec.device)  # one copy per epoch, then index arithmetic on the device
+        gen = epoch_generator(spec.seed, epoch, self.shard.rank, spec.device)
+        factor = 2 if spec.paired else 1
         start = 0
         for step, size in enumerate(sizes):
             sel = ids[start:start + factor * size]
             start += factor * size
             # index_select copies whole rows; advanced indexing goes element by element (7x slower on CPU)
             images, labels, index = (t.index_select(0, sel) for t in (self.images, self.labels, self.index))
-            yield make_batch(images, labels, index, self.paired, self.transform, gen, self.num_views, epoch, step)
+            yield make_batch(images, labels, index, paired=spec.paired, transform=self.transform, generator=gen,
+                             num_views=spec.num_views, epoch=epoch, step=step)
 
 
 class DeviceEvalLoader:
-    """Drop-in for `cskd.data.EvalLoader`: this rank's contiguous shard, held on the device."""
+    """Drop-in for `cskd.ffcv_loader.EvalLoader`: this rank's contiguous shard, held on the device."""
 
-    def __init__(self, info: DatasetInfo, split: str, batch_size: int, world_size: int, rank: int,
-                 device: torch.device, channels_last: bool, pipeline: str):
-        ids = torch.from_numpy(shard_ids(info, split, world_size, rank)).to(device)
-        images, labels, index = read_split(info, split, device)
+    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard(), split: str = "test"):
+        ids = torch.from_numpy(eval_ids(spec.dataset, split, shard)).to(spec.device)
+        images, labels, index = read_split(spec.dataset, split, spec.device)
         self.images, self.labels, self.index = images[ids], labels[ids], index[ids]
-        self.batch_size = batch_size
-        self.transform = Transform(pipeline, info.meta, device, channels_last)
+        self.batch_size = spec.eval_batch
+        self.transform = Transform(spec.pipeline, spec.dataset.meta, spec.device, spec.channels_last)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(self.labels), self.batch_size):
             sl = slice(start, start + self.batch_size)
             yield self.transform.test(self.images[sl]), self.labels[sl], self.index[sl]
-
-
-def build_loaders(cfg, info: DatasetInfo, world_size: int, rank: int, device: torch.device, sampling: Sampling,
-                  num_views: int, channels_last: bool):
-    """(train loader, test loader) for `cfg.data.loader`: 'ffcv' (default) or 'device'."""
-    d = cfg.data
-    per_rank = cfg.batch_size // world_size
-    if d.loader == "device":
-        train = DeviceTrainLoader(info, per_rank, world_size, rank, cfg.seed, sampling, num_views, d.pipeline,
-                                  device, channels_last, d.color_jitter, d.lighting)
-        test = DeviceEvalLoader(info, "test", d.eval_batch_size, world_size, rank, device, channels_last, d.pipeline)
-        return train, test
-    train = TrainLoader(info, per_rank, world_size, rank, cfg.seed, sampling, num_views, d.pipeline, d.num_workers,
-                        d.os_cache, device, channels_last, d.color_jitter, d.lighting)
-    test = EvalLoader(info, "test", d.eval_batch_size, world_size, rank, d.num_workers, d.os_cache, device,
-                      channels_last, d.pipeline)
-    return train, test

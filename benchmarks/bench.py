@@ -1,4 +1,4 @@
-"""Benchmarks (figures, not tests): `python -m cskd.bench [--data DIR] [--model small_cnn]`.
+"""Benchmarks (figures, not tests): `python benchmarks/bench.py [--data DIR] [--model small_cnn]` (`make bench`).
 
 (a) Training-loader throughput, same images and augmentation, three ways: the device-resident
     loader (`data.loader=device`: split held as one uint8 tensor, batched torch augmentation), the
@@ -38,15 +38,11 @@ def _timed_epochs(run_epoch, epochs: int) -> list[float]:
 
 def ours_rate(info, loader_kind: str, pipeline: str, batch: int, epochs: int) -> float:
     """Images/s of our training loader, median of `epochs` after a warm-up (FFCV's JIT)."""
-    from cskd.data import TrainLoader
-    from cskd.device_data import DeviceTrainLoader
-    from cskd.methods import Sampling
+    from cskd.batch import LoaderSpec, Shard
+    from cskd.loaders import train_loader
 
-    args = (info, batch, 1, 0, 0, Sampling(), 1, pipeline)
-    if loader_kind == "device":
-        loader = DeviceTrainLoader(*args, CPU, False)
-    else:
-        loader = TrainLoader(*args, 1, True, CPU, False)
+    spec = LoaderSpec(dataset=info, batch_per_rank=batch, pipeline=pipeline, device=CPU, loader=loader_kind)
+    loader = train_loader(spec, Shard())
     times = _timed_epochs(lambda e: [b.images.sum() for b in loader.epoch(e)], epochs + 1)[1:]
     return len(info.labels["train"]) / statistics.median(times)
 
@@ -57,7 +53,7 @@ def torch_loader_rate(info, pipeline: str, batch: int, epochs: int, workers: int
     from torchvision import transforms as T
 
     from cskd.augment import PIPELINES
-    from cskd.device_data import read_split
+    from cskd.device_loader import read_split
 
     spec = PIPELINES[pipeline]
     images, labels, _ = (t.numpy() for t in read_split(info, "train", CPU))
@@ -80,14 +76,15 @@ def torch_loader_rate(info, pipeline: str, batch: int, epochs: int, workers: int
 
 def synthetic_dataset(root: str, n: int, size: int) -> str:
     """A prepared dataset of `n` random size x size images (raw FFCV, fixed size) and 10 test images."""
-    from datasets_prep.writer import write_dataset
+    from datasets_prep.source import Source
+    from datasets_prep.writer import write_source
 
     rng = np.random.default_rng(0)
-    splits = {split: (rng.integers(0, 256, (k, size, size, 3), dtype=np.uint8), rng.integers(0, 10, k))
-              for split, k in (("train", n), ("test", 10))}
-    with contextlib.redirect_stderr(io.StringIO()):  # FFCV's writer progress bar
-        write_dataset(root, splits, {"name": "synthetic", "num_classes": 10, "image_size": [size, size],
-                                     "mean": [0.5] * 3, "std": [0.25] * 3})
+    splits = {split: [(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), int(rng.integers(0, 10)))
+                      for _ in range(k)] for split, k in (("train", n), ("test", 10))}
+    source = Source("synthetic", [str(c) for c in range(10)], splits)
+    with contextlib.redirect_stderr(io.StringIO()):  # progress lines
+        write_source(root, source, write_mode="raw")
     return root
 
 
@@ -102,8 +99,10 @@ def loader_table(info, pipeline: str, batch: int, epochs: int, workers: int) -> 
 def method_epoch_time(data: str, method: str, model: str, epochs: int, max_steps: int) -> float:
     """Median seconds per training epoch (first epoch excluded), through the trainer's own code."""
     from cskd import distributed as D
+    from cskd.batch import Shard
     from cskd.config import load_config
-    from cskd.data import TrainLoader, open_dataset
+    from cskd.dataset import open_dataset
+    from cskd.loaders import loader_spec, train_loader
     from cskd.methods import METHODS
     from cskd.models import build_model
     from cskd.train import train_one_epoch
@@ -111,12 +110,13 @@ def method_epoch_time(data: str, method: str, model: str, epochs: int, max_steps
     cfg = load_config(None, [f"data.path={data}", f"method={method}", f"model={model}", "data.pipeline=cifar",
                              "log_every=1000000", f"epochs={epochs + 1}"])
     info = open_dataset(data)
-    env = D.DistEnv(0, 1, 0, torch.device("cpu"))
+    env = D.DistEnv(0, 1, 0, CPU)
     torch.manual_seed(0)
     algo = METHODS[method](cfg.method_params, info.num_classes)
     net = build_model(model, info.num_classes)
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    loader = TrainLoader(info, cfg.batch_size, 1, 0, 0, algo.sampling(), 1, "cifar", 1, True, env.device, False)
+    spec = loader_spec(cfg, info, world_size=1, device=CPU, sampling=algo.sampling(), num_views=algo.num_views)
+    loader = train_loader(spec, Shard())
     if max_steps:
         full = loader.epoch
         loader.epoch = lambda e: (b for b, _ in zip(full(e), range(max_steps)))
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     parser.add_argument("--large", type=int, default=2000,
                         help="synthetic 256x256 images for the 224 px case (0: skip)")
     args = parser.parse_args(argv)
-    from cskd.data import open_dataset
+    from cskd.dataset import open_dataset
 
     info = open_dataset(args.data)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch "

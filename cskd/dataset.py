@@ -1,0 +1,128 @@
+"""A dataset prepared by `datasets_prep` (train/test .beton + meta.json): opened and checked once.
+
+`open_dataset` reads meta.json and the labels and image sizes of both splits from the .beton
+headers (no image is decoded), and turns every way a directory can be wrong into one line that
+names the fix. Both loaders and `cskd.eval` start from the `DatasetInfo` it returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cskd import orders
+from cskd.batch import Shard
+from cskd.errors import DataError
+
+SPLITS = ("train", "test")
+FIELDS = ("image", "label", "index")
+KNOWN_DATASETS = ("mnist5k",)
+
+
+def _prep_hint(path: Path) -> str:
+    name = path.name if path.name in KNOWN_DATASETS else "NAME"
+    return f"prepare it with: python -m datasets_prep {name} --out {path}"
+
+
+@dataclass
+class DatasetInfo:
+    """A prepared dataset: its meta.json and the labels of each split, read from the .beton files."""
+
+    path: Path
+    meta: dict
+    labels: dict[str, np.ndarray]
+    image_shape: dict[str, tuple[int, int] | None]  # (height, width) of every stored image; None: sizes vary
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta["num_classes"])
+
+    @property
+    def name(self) -> str:
+        """The dataset's name as meta.json records it (the directory name for older conversions)."""
+        return str(self.meta.get("name") or self.path.name)
+
+    def beton(self, split: str) -> str:
+        return str(self.path / f"{split}.beton")
+
+
+def import_ffcv() -> None:
+    """Import FFCV without letting it change torch's intra-op thread count.
+
+    FFCV's Compiler.set_num_threads also calls torch.set_num_threads: once with 1 at import, then
+    with num_workers from its loader thread at every epoch. Keep only its numba part."""
+    import numba
+
+    threads = torch.get_num_threads()
+    from ffcv.pipeline.compiler import Compiler
+
+    def set_num_threads(cls, n):
+        cls.num_threads = n if n >= 1 else os.cpu_count()
+        numba.set_num_threads(min(cls.num_threads, numba.config.NUMBA_NUM_THREADS))
+
+    Compiler.set_num_threads = classmethod(set_num_threads)
+    torch.set_num_threads(threads)
+
+
+def _read_beton(path: Path, expected_bytes: int | None, hint: str
+                ) -> tuple[np.ndarray, tuple[int, int] | None]:
+    """Labels and fixed image shape (None if sizes vary) of a .beton after checking it is complete."""
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    size = path.stat().st_size
+    if expected_bytes is not None and size != expected_bytes:
+        raise DataError(f"{path} has {size} bytes but meta.json records {expected_bytes}: it is truncated or "
+                        f"was modified; {hint} --force")
+    try:
+        reader = Reader(str(path))
+        end = int((reader.alloc_table["ptr"] + reader.alloc_table["size"]).max(initial=0))
+    except Exception as e:  # FFCV raises assorted errors (AssertionError, IndexError, ValueError) on bad files
+        raise DataError(f"{path} is not a readable FFCV file ({type(e).__name__}: {e}); {hint} --force") from None
+    if end > size or len(reader.alloc_table) < reader.num_samples:
+        raise DataError(f"{path} is truncated (its samples need {end} bytes, the file has {size}); {hint} --force")
+    missing = [f for f in FIELDS if f not in reader.field_names]
+    if missing:
+        raise DataError(f"{path} lacks the field(s) {', '.join(missing)} (has {', '.join(reader.field_names)}); "
+                        f"{hint} --force")
+    images = reader.metadata[f"f{reader.field_names.index('image')}"]
+    fixed = len(images) and all(images[k].min() == images[k].max() for k in ("height", "width"))
+    shape = (int(images["height"][0]), int(images["width"][0])) if fixed else None
+    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64), shape
+
+
+def open_dataset(path: str | os.PathLike) -> DatasetInfo:
+    """Check a prepared dataset directory and read its metadata; every failure names the fix."""
+    root = Path(path)
+    hint = _prep_hint(root)
+    if not root.is_dir():
+        raise DataError(f"data.path {root} does not exist; {hint}")
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise DataError(f"data.path {root} has no meta.json (not a prepared dataset); {hint}")
+    try:
+        meta = json.loads(meta_path.read_text())
+        files, num_classes = meta["files"], int(meta["num_classes"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path} is unreadable or lacks {e}; {hint} --force") from None
+    labels, shapes = {}, {}
+    for split in SPLITS:
+        beton = root / f"{split}.beton"
+        if not beton.is_file():
+            raise DataError(f"data.path {root} has no {split}.beton; {hint} --force")
+        labels[split], shapes[split] = _read_beton(beton, files.get(f"{split}.beton", {}).get("bytes"), hint)
+        if len(labels[split]) and not 0 <= labels[split].min() <= labels[split].max() < num_classes:
+            raise DataError(f"{beton} has labels outside 0..{num_classes - 1} (meta.json num_classes); {hint} --force")
+    return DatasetInfo(root, meta, labels, shapes)
+
+
+def eval_ids(info: DatasetInfo, split: str, shard: Shard) -> np.ndarray:
+    """This rank's contiguous block of `split` (cskd.orders.shard), after checking every rank gets one."""
+    if len(info.labels[split]) < shard.world_size:
+        raise DataError(f"{info.beton(split)} has {len(info.labels[split])} samples, fewer than the "
+                        f"{shard.world_size} ranks; use fewer processes")
+    return orders.shard(len(info.labels[split]), shard.world_size, shard.rank)

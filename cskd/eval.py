@@ -1,0 +1,149 @@
+"""Evaluate a model on a test split: `python -m cskd.eval RUN_DIR [--checkpoint final|best] ...`.
+
+`evaluate` is what the trainer calls after every epoch; the command line re-evaluates a saved run
+(its final or best weights) on its own test split or on another prepared dataset with the same
+classes, on one process or under `torchrun`, and prints and writes the full metric set.
+
+Evaluation is honest about which model it scores: every rank evaluates its shard with rank 0's
+buffers (the checkpoint's BatchNorm statistics), and the forward pass runs in float32 whatever
+`amp` says for training, so bf16 rounding cannot tie logits or blur R@1's features.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from cskd import distributed as D
+from cskd import rundir
+from cskd.batch import Shard
+from cskd.checkpoint import load_weights
+from cskd.dataset import DatasetInfo, open_dataset
+from cskd.errors import ConfigError, CskdError, DataError
+from cskd.fileio import write_json
+from cskd.loaders import EvalBatches, eval_loader, loader_spec
+from cskd.metrics import METRIC_NAMES, classification_metrics
+from cskd.progress import log
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bins: int = 20
+             ) -> tuple[dict | None, dict | None]:
+    """(metrics, reliability bins) of the whole split on rank 0, (None, None) on other ranks.
+
+    `model` is the bare model (not its DDP wrapper), a `cskd.models.Classifier`. Shards are gathered
+    and put back in dataset order, so each sample counts once whatever the number of ranks."""
+    D.broadcast_buffers(model)
+    model.eval()
+    logits, features, labels, index = [], [], [], []
+    with torch.autocast(env.device.type, enabled=False):
+        for images, y, idx in loader:
+            f = model.forward_features(images).float()
+            logits.append(model.head(f).float())
+            features.append(f)
+            labels.append(y)
+            index.append(idx)
+    logits, features, labels, index = (D.all_gather_rows(torch.cat(part)) for part in (logits, features, labels, index))
+    if not env.is_main:
+        return None, None
+    order = index.argsort()  # dataset order, whatever the number of ranks
+    metrics, bins = classification_metrics(logits[order], labels[order], features[order], ece_bins)
+    return metrics | {"samples": len(labels)}, bins
+
+
+def _check_classes(dataset: DatasetInfo, classes: list[str] | None, num_outputs: int) -> None:
+    """Refuse a test set whose classes are not the ones the model was trained on."""
+    if dataset.num_classes != num_outputs:
+        raise DataError(f"{dataset.path} has {dataset.num_classes} classes but the model has {num_outputs} outputs; "
+                        f"evaluate on a dataset with the classes of the run's training set")
+    names = dataset.meta.get("classes")
+    if classes is not None and names is not None and names != classes:
+        diff = next((i for i, (a, b) in enumerate(zip(names, classes)) if a != b), None)
+        what = (f"names class {diff} '{names[diff]}', the run's training set '{classes[diff]}'" if diff is not None
+                else f"lists {len(names)} class names, the run's training set {len(classes)}")
+        raise DataError(f"{dataset.path} {what}; the labels would not match: use a dataset converted with the "
+                        f"same classes")
+
+
+def run_eval(run_dir: str, which: str = "final", data: str | None = None, ece_bins: int | None = None,
+             device: str = "auto") -> dict | None:
+    """Evaluate a run dir's weights on a test split; the result dict on rank 0, None on other ranks."""
+    cfg = rundir.read_config(run_dir)
+    if which not in ("final", "best"):
+        raise ConfigError(f"--checkpoint must be final or best, got {which!r}")
+    if ece_bins is not None and ece_bins < 1:
+        raise ConfigError(f"--ece-bins must be >= 1, got {ece_bins}")
+    env = D.init_distributed(device)
+    try:
+        D.configure_torch(cfg.threads, cfg.deterministic)
+        result = _evaluate_run(Path(run_dir), cfg, env, which, data, ece_bins or cfg.ece_bins)
+        D.barrier()
+        return result
+    finally:
+        D.shutdown()
+
+
+def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | None, ece_bins: int) -> dict | None:
+    from cskd.methods import METHODS
+    from cskd.models import build_model
+
+    saved = load_weights(run_dir, which)
+    try:
+        dataset = open_dataset(data or cfg.data.path)
+    except DataError as e:
+        if data:
+            raise
+        raise DataError(f"{e} (this is the run's data.path; pass --data DIR where the dataset lives here)") from None
+    head = saved["model"].get("head.weight")
+    _check_classes(dataset, saved.get("classes"), head.shape[0] if head is not None else dataset.num_classes)
+    method = METHODS[cfg.method](cfg.method_params, dataset.num_classes)
+    model = method.prepare_model(build_model(cfg.model, dataset.num_classes))
+    try:
+        model.load_state_dict(saved["model"])
+    except RuntimeError as e:
+        raise DataError(f"the weights in {run_dir} do not fit model={cfg.model} method={cfg.method} for "
+                        f"{dataset.num_classes} classes ({str(e).splitlines()[0]})") from None
+    spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device)
+    model = model.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
+    metrics, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins)
+    if not env.is_main:
+        return None
+    return {"run_dir": str(run_dir), "checkpoint": which, "epoch": saved["epoch"], "data": str(dataset.path),
+            "dataset": dataset.name, "split": "test", "ece_bins": ece_bins, "world_size": env.world_size,
+            "device": D.device_name(env), **metrics}
+
+
+def format_result(result: dict) -> str:
+    lines = [f"{result['run_dir']} ({result['checkpoint']}, epoch {result['epoch'] + 1}) on {result['data']} "
+             f"test: {result['samples']} samples, {result['device']}"]
+    lines += [f"  {name:<9} {result[name]:.4f}" for name in METRIC_NAMES]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cskd.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", help="a run dir (config.yaml plus checkpoint.pt / best.pt)")
+    parser.add_argument("--checkpoint", choices=("final", "best"), default="final",
+                        help="final: checkpoint.pt (last finished epoch); best: best.pt (lowest test top1_err)")
+    parser.add_argument("--data", help="another prepared dataset with the same classes (default: the run's data.path)")
+    parser.add_argument("--ece-bins", type=int, help="ECE bins (default: the run's ece_bins)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: CUDA if visible (each torchrun rank its local GPU), else CPU")
+    parser.add_argument("--out", help="also write the result as JSON (atomically) to this file")
+    args = parser.parse_args(argv)
+    try:
+        result = run_eval(args.run_dir, args.checkpoint, args.data, args.ece_bins, args.device)
+        if result is not None:
+            log(format_result(result))
+            if args.out:
+                write_json(args.out, result)
+    except CskdError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
