@@ -49,6 +49,10 @@ class DatasetInfo:
     def beton(self, split: str) -> str:
         return str(self.path / f"{split}.beton")
 
+    def sha256(self) -> dict[str, str]:
+        """The .beton files' sha256s as meta.json records them: which conversion this is."""
+        return {name: entry.get("sha256") for name, entry in sorted(self.meta.get("files", {}).items())}
+
 
 def import_ffcv() -> None:
     """Import FFCV without letting it change torch's intra-op thread count.

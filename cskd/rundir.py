@@ -100,15 +100,17 @@ def append_metrics(out_dir: str, record: dict) -> None:
 
 # --- summary.json ------------------------------------------------------------------------------
 
-def build_summary(cfg: config_mod.Config, *, dataset: str, final: dict, best: dict, reliability: dict,
-                  wall_s: float, train_images_per_s: float, world_size: int, device: str) -> dict:
+def build_summary(cfg: config_mod.Config, *, dataset: str, data_sha256: dict, final: dict, best: dict,
+                  reliability: dict, wall_s: float, train_images_per_s: float, world_size: int, device: str) -> dict:
     """The summary.json of a finished run.
 
     `final` and `best` hold the test metrics (`cskd.metrics.METRIC_NAMES`, `samples`) and their
-    `epoch`; `dataset` is the prepared dataset's name (meta.json), `label` the row name tables use."""
+    `epoch`; `dataset` is the prepared dataset's name (meta.json) and `data_sha256` its files'
+    sha256s (which conversion of it), `label` the row name tables use."""
     return {
         "schema": SUMMARY_SCHEMA,
-        "dataset": dataset, "model": cfg.model, "method": cfg.method, "label": cfg.label or cfg.method,
+        "dataset": dataset, "data": {"path": cfg.data.path, "sha256": data_sha256},
+        "model": cfg.model, "method": cfg.method, "label": cfg.label or cfg.method,
         "seed": cfg.seed, "final": final, "best": best, "best_note": BEST_NOTE,
         "epochs": cfg.epochs, "wall_s": wall_s, "train_images_per_s": train_images_per_s,
         "world_size": world_size, "device": device, "reliability": reliability,
@@ -139,6 +141,12 @@ class Summary:
     @property
     def reliability(self) -> dict | None:
         return self.data.get("reliability")
+
+    @property
+    def data_identity(self) -> str:
+        """Which conversion of the dataset the run used: its files' sha256s (the path if not recorded)."""
+        data = self.data.get("data") or {}
+        return json.dumps(data.get("sha256") or data.get("path") or self.dataset, sort_keys=True)
 
 
 def read_summary(path: str | Path) -> Summary:

@@ -251,7 +251,8 @@ def finish(run: Run) -> dict | None:
         return None
     final = progress.history[-1]
     summary = rundir.build_summary(
-        cfg, dataset=run.dataset.name, final={**final["test"], "epoch": final["epoch"]}, best=progress.best,
+        cfg, dataset=run.dataset.name, data_sha256=run.dataset.sha256(),
+        final={**final["test"], "epoch": final["epoch"]}, best=progress.best,
         reliability=progress.final_bins, wall_s=progress.wall_s,
         train_images_per_s=progress.train_images / max(progress.train_s, 1e-9), world_size=env.world_size,
         device=D.device_name(env))

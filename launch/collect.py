@@ -92,12 +92,20 @@ def markdown_tables(rows: list[dict], epoch: str = "final") -> str:
 
 
 def footnote(results: list[Summary]) -> str:
-    """What the cells mean and the machine(s) behind them."""
+    """What the cells mean, the machine(s) behind them, and any dataset column that pools conversions."""
     devices = sorted({r.device for r in results})
-    return (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
+    text = (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
             f"relative change of the mean vs. the {BASELINE} row of the same dataset and model. final = last "
             f"epoch; best = epoch of lowest test top1_err, i.e. selected on the test set (optimistic, as the "
             f"reference code reports). Machine(s): {'; '.join(devices)}.\n")
+    conversions: dict[str, set[str]] = {}
+    for r in results:
+        conversions.setdefault(r.dataset, set()).add(r.data_identity)
+    for dataset, identities in sorted(conversions.items()):
+        if len(identities) > 1:
+            text += (f"\nWarning: the {dataset} column pools runs on {len(identities)} different conversions of "
+                     f"{dataset} (different .beton sha256s in their summary.json `data`); compare like with like.\n")
+    return text
 
 
 def csv_text(rows: list[dict]) -> str:

@@ -283,3 +283,15 @@ def test_malformed_summary_is_one_line(tmp_path):
     res = cli(str(root))
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
     assert "is not a cskd summary ('final' lacks nll); delete it to re-run the run" in res.stderr
+
+
+def test_a_column_pooling_two_conversions_is_flagged(tmp_path):
+    root = tmp_path / "runs"
+    for seed, digest in enumerate(["aa", "aa", "bb"]):
+        run_dir = add_run(root, "cifar100", "m", "ce", seed, final=30.0, best=30.0)
+        data = json.loads((run_dir / "summary.json").read_text())
+        data["data"] = {"path": f"data/c100_{digest}", "sha256": {"train.beton": digest, "test.beton": digest}}
+        (run_dir / "summary.json").write_text(json.dumps(data))
+    assert "Warning: the cifar100 column pools runs on 2 different conversions" in collect.report(root)
+    (root / "cifar100" / "m" / "ce" / "seed2" / "summary.json").unlink()
+    assert "Warning" not in collect.report(root)

@@ -28,6 +28,8 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["schema"], summary["dataset"], summary["method"], summary["label"], summary["seed"]) == (
         1, "mnist5k", "cskd", "cskd", 0)
+    meta = json.loads((mnist_dir / "meta.json").read_text())
+    assert summary["data"] == {"path": str(mnist_dir), "sha256": {k: v["sha256"] for k, v in meta["files"].items()}}
     keys = {"top1_err", "top5_err", "nll", "ece", "aurc", "eaurc", "r_at_1"}
     assert keys <= set(summary["final"]) and keys <= set(summary["best"])
     assert summary["final"]["samples"] == 1000 and summary["final"]["epoch"] == 1
