@@ -4,7 +4,7 @@
       config.yaml      the resolved config; written first. Same identity: resume; another: refused
       metrics.jsonl    one JSON line per finished epoch: {"epoch", "lr", "train": {...}, "test": {...}}
       checkpoint.pt    the last finished epoch: model, optimizer, scheduler, method state, RNG, progress
-      best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test"}
+      best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test", "classes"}
       summary.json     written once, last: the run is done (`build_summary` below)
       reliability.png  the final epoch's reliability diagram
       job.json         written by launch/ (who runs the run, where its log is); not the trainer's
@@ -125,7 +125,7 @@ def write_summary(out_dir: str | Path, summary: dict) -> Path:
 
 @dataclass(frozen=True)
 class Summary:
-    """A finished run as tables see it (`read_summary`); `data` is the whole file."""
+    """A finished run as tables see it (`read_summary`); `raw` is the whole file."""
 
     path: Path
     dataset: str
@@ -136,16 +136,16 @@ class Summary:
     final: dict
     best: dict
     device: str
-    data: dict
+    raw: dict
 
     @property
     def reliability(self) -> dict | None:
-        return self.data.get("reliability")
+        return self.raw.get("reliability")
 
     @property
     def data_identity(self) -> str:
         """Which conversion of the dataset the run used: its files' sha256s (the path if not recorded)."""
-        data = self.data.get("data") or {}
+        data = self.raw.get("data") or {}
         return json.dumps(data.get("sha256") or data.get("path") or self.dataset, sort_keys=True)
 
 

@@ -290,7 +290,7 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
         if env.is_main:
             path = os.path.join(cfg.out_dir, rundir.SUMMARY)
             log(f"{cfg.out_dir} is already complete ({path}); pass --force to train again")
-            return rundir.read_summary(path).data
+            return rundir.read_summary(path).raw
         return None
     run = setup(cfg, env, dataset, resume=status == "resume")
     train_loop(run)
