@@ -125,7 +125,7 @@ def method_epoch_time(data: str, method: str, model: str, epochs: int, max_steps
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cskd.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="data/mnist5k", help="prepared dataset (32x32)")
     parser.add_argument("--model", default="small_cnn")
     parser.add_argument("--epochs", type=int, default=3, help="timed epochs after one warm-up epoch")
