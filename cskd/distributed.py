@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +86,19 @@ def configure_torch(threads: int = 0, deterministic: bool = False) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def session(device_preference: str = "auto"):
+    """This process's DistEnv for the length of a command: joins the process group, and on leaving
+    waits for every rank before tearing it down (a rank tearing down its process group while rank 0
+    still writes can abort rank 0); on an error it tears down at once."""
+    env = init_distributed(device_preference)
+    try:
+        yield env
+        barrier()
+    finally:
+        shutdown()
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:

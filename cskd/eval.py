@@ -75,14 +75,9 @@ def run_eval(run_dir: str, which: str = "final", data: str | None = None, ece_bi
         raise ConfigError(f"--checkpoint must be final or best, got {which!r}")
     if ece_bins is not None and ece_bins < 1:
         raise ConfigError(f"--ece-bins must be >= 1, got {ece_bins}")
-    env = D.init_distributed(device)
-    try:
+    with D.session(device) as env:
         D.configure_torch(cfg.threads, cfg.deterministic)
-        result = _evaluate_run(Path(run_dir), cfg, env, which, data, ece_bins or cfg.ece_bins)
-        D.barrier()
-        return result
-    finally:
-        D.shutdown()
+        return _evaluate_run(Path(run_dir), cfg, env, which, data, ece_bins or cfg.ece_bins)
 
 
 def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | None, ece_bins: int) -> dict | None:

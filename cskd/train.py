@@ -270,13 +270,8 @@ def main(cfg: Config, force: bool = False) -> dict | None:
     if cfg.batch_size % world_size:
         raise ConfigError(f"batch_size={cfg.batch_size} does not divide by the world size {world_size}; "
                           f"the global batch is split evenly over ranks, so use a multiple of {world_size}")
-    env = D.init_distributed(cfg.device)
-    try:
-        result = _run(cfg, env, force)
-        D.barrier()  # leave together: a rank tearing down its process group while rank 0 still writes can abort
-        return result
-    finally:
-        D.shutdown()
+    with D.session(cfg.device) as env:
+        return _run(cfg, env, force)
 
 
 def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
