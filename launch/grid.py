@@ -134,8 +134,9 @@ def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
         layers = base + fixed + [(nest(combo), f"{where} axes")]
         for seed in grid.get("seeds", [0]):
             seeded = [({"seed": seed}, f"{where} seeds")]
-            ruled = _matching_rules(grid.get("rules") or [], resolve(layers + seeded), where)
-            cfg = resolve(layers + ruled + seeded)
+            cfg = resolve(layers + seeded)
+            ruled = _matching_rules(grid.get("rules") or [], cfg, where)
+            cfg = resolve(layers + ruled + seeded) if ruled else cfg  # no rule: the same layers, resolved
             cfg.label = _label(cfg.method, combo)
             cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / cfg.label / f"seed{seed}")
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
