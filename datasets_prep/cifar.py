@@ -8,9 +8,14 @@ pickles: `data` is uint8 N x 3072 (1024 R, then G, then B, each row-major), labe
 Label order: the dataset's own (label_names / fine_label_names), which is the documented order and
 torchvision's. CIFAR-100's 20 super-classes go to meta.json: `coarse_classes` (coarse_label_names)
 and `coarse_of_class` (fine label -> coarse label, checked consistent over every image).
+
+The pickles may come from anywhere, so they are read with a restricted unpickler: only dicts,
+lists, strings, bytes, numbers and numpy arrays are built; any other object a pickle names (a
+function to call, a class) is refused before it is looked up, so a crafted file cannot run code.
 """
 from __future__ import annotations
 
+import codecs
 import pickle
 from pathlib import Path
 
@@ -26,12 +31,26 @@ LAYOUT = {  # name -> (folder, {split: files}, meta file, class-name key, label 
                  "fine_labels"),
 }
 EXPECTED = {"train": 50000, "test": 10000}
+_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]  # numpy's array reconstructor, whatever its module path
+# The only globals a CIFAR pickle names: numpy's array machinery (under numpy 1's and numpy 2's
+# module paths) and, in pickles written by Python 3 at protocol 2, `_codecs.encode` for bytes.
+ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                   ("numpy._core.multiarray", "_reconstruct"): _RECONSTRUCT,
+                   ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+                   ("_codecs", "encode"): codecs.encode}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which CIFAR pickles never do; not loaded")
+        return ALLOWED_GLOBALS[(module, name)]
 
 
 def _load(path: Path, what: str) -> dict:
     try:
         with open(require(path, what), "rb") as f:
-            return pickle.load(f, encoding="latin1")  # Python-2 pickles; latin1 gives str keys, as torchvision
+            return _CifarUnpickler(f, encoding="latin1").load()  # Python-2 pickles; latin1: str keys, as torchvision
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
         raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e}); re-extract the archive") from None
 

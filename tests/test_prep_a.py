@@ -1,6 +1,7 @@
 """Readers for CIFAR-10/100, TinyImageNet and CUB-200-2011 on tiny replicas of the real layouts,
 converted through the CLI and read back from the .beton files; plus the bad-input paths."""
 import json
+import os
 import pickle
 
 import numpy as np
@@ -89,6 +90,36 @@ def test_cifar100_fine_labels_and_coarse_map(tmp_path, capsys):
     assert meta["counts"]["train"]["per_class"] == [1] * 99 + [2]
     assert labels_and_index(out / "test.beton") == ([5, 42], [0, 1])
 
+
+
+class Touch:
+    """A pickle that runs code when loaded: it would create the file `path`."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_cifar_pickles_are_read_without_running_code(tmp_path, capsys):
+    from datasets_prep import cifar
+
+    # real CIFAR files were written by numpy 1 under Python 2: numpy.core.multiarray, not numpy._core
+    batch = {**cifar_batch([3, 1], 0), "labels": [3, 1]}
+    old = pickle.dumps(batch, protocol=2).replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
+    (tmp_path / "numpy1").write_bytes(old)
+    loaded = cifar._load(tmp_path / "numpy1", "a batch")
+    assert loaded["labels"] == [3, 1] and np.array_equal(loaded["data"], batch["data"])
+
+    root = tmp_path / "cifar-10-batches-py"
+    dump(root / "batches.meta", {"label_names": [str(c) for c in range(10)]})
+    marker = tmp_path / "code-ran"
+    dump(root / "data_batch_1", {**cifar_batch([0], 1), "labels": Touch(marker)})
+    assert convert("cifar10", root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "data_batch_1: not a CIFAR pickle (UnpicklingError: it names posix.system, which CIFAR pickles never" in err
+    assert not marker.exists() and not (tmp_path / "out").exists()
 
 # --- TinyImageNet ----------------------------------------------------------------------------------
 
