@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import pickle
 import random
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +84,17 @@ def save(path: str | Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
+# What to do about a checkpoint that cannot be loaded: atomic saves replace the previous one, so
+# there is never an older copy to fall back to.
+_RECOVER = ("cskd keeps no earlier copy of it, so the run cannot be resumed or evaluated from it: delete it to "
+            "restart the run from scratch, or train again with --force")
+
+
 def load(path: str | Path) -> dict:
-    """A checkpoint or best.pt, unpickling only tensors and plain values (a crafted file cannot run code)."""
+    """A checkpoint or best.pt, unpickling only tensors and plain values (a crafted file cannot run code).
+
+    A file that cannot be loaded is one RunDirError saying why (empty, truncated, unreadable, not a
+    torch file) and what to do."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -92,9 +102,29 @@ def load(path: str | Path) -> dict:
         raise RunDirError(f"{path} holds more than tensors and plain values ({first[:160]}); it is not loaded, "
                           f"since unpickling it could run code (a file from an older cskd, or a crafted one); "
                           f"re-create it (train with --force)") from None
-    except (OSError, RuntimeError, EOFError) as e:
-        raise RunDirError(f"{path} is not a readable torch file ({type(e).__name__}: {str(e)[:160]}); "
-                          f"re-create it (train with --force)") from None
+    except OSError as e:
+        raise RunDirError(f"{path} cannot be read ({e.strerror or type(e).__name__}); check that it is a file "
+                          f"you may read") from None
+    except Exception as e:  # noqa: BLE001 - the file is the only input here: whatever torch chokes on, it is the file
+        raise RunDirError(f"{path} {_damage(Path(path), e)}; {_RECOVER}") from None
+
+
+def _damage(path: Path, error: Exception) -> str:
+    """What is wrong with a torch file that failed to load (torch.save writes a zip archive)."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            starts_as_zip = f.read(4) == b"PK\x03\x04"
+        truncated = starts_as_zip and not zipfile.is_zipfile(path)
+    except OSError:  # gone or unreadable since torch opened it: say what torch said
+        size, truncated = -1, False
+    if size == 0:
+        return "is empty (0 bytes): its write never completed (a full disk, or a copy cut short)"
+    if truncated:
+        return (f"is truncated ({size} bytes, the end of its zip archive is missing): a copy or write was cut "
+                f"short")
+    detail = (str(error).strip().splitlines() or [""])[0][:120]
+    return f"is corrupt or not a torch file ({type(error).__name__}: {detail})"
 
 
 def save_best(out_dir: str | Path, model_state: dict, epoch: int, metrics: dict, classes: list[str]) -> None:

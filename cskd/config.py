@@ -3,12 +3,17 @@
 Every key is checked before any work starts: an unknown key names the closest valid ones, a value
 of the wrong type names the key, the expected type and where the value came from. The resolved
 config (the chosen method's hyperparameters included) is what gets saved into the run dir.
+
+Every YAML text the package reads (config files, grid files, saved run dirs, the values of
+overrides) goes through `parse_yaml` / `read_yaml`: safe types only, and a mapping that gives a key
+twice is refused (PyYAML alone keeps the last value without a word).
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,11 @@ RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads"
 # Renamed keys, still read from older configs (a run dir's saved config.yaml): old -> new.
 RENAMED_KEYS = {"data.augment": "data.pipeline"}
 LIST_SEP = ", "
+INT64 = (-2**63, 2**63)  # ints end up in torch (seeds, sizes): they must fit its int64
+NON_EMPTY_KEYS = ("out_dir", "data.path")  # an empty path is the current directory: never what was meant
+# Counts that size a thread pool or an allocation of their own: beyond these torch overflows its C
+# int or allocates terabytes, after the run dir was written. Far above any real use.
+AT_MOST = {"threads": 1024, "data.num_workers": 1024, "ece_bins": 10_000}
 
 
 @dataclass
@@ -76,19 +86,33 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
 
 
 def _check_value(key: str, value, expected: type, source: str):
-    """Coerce `value` to `expected` where lossless (int -> float, '1e-4' -> float), else raise."""
+    """Coerce `value` to `expected` where lossless (int -> float, '1e-4' -> float), else raise.
+
+    Floats must be finite (a NaN learning rate trains nothing and compares unequal to itself) and
+    ints must fit torch's int64."""
+    value = _coerce(value, expected)
+    if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"config key '{key}' expects {expected.__name__}, got {value!r} ({type(value).__name__}) from {source}")
+    if expected is float and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' must be a finite number, got {value!r} from {source}")
+    if expected is int and not INT64[0] <= value < INT64[1]:
+        raise ConfigError(f"config key '{key}' must fit a 64-bit integer (|value| < 2**63), got {value} from {source}")
+    return value
+
+
+def _coerce(value, expected: type):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond any float: reported as not finite
+            return math.inf
     if expected is float and isinstance(value, str):
         try:
             return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         except ValueError:
             pass
-    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
-        return value
-    raise ConfigError(
-        f"config key '{key}' expects {expected.__name__}, got {value!r} ({type(value).__name__}) from {source}"
-    )
+    return value
 
 
 def _unknown_key(key: str, valid: list[str], source: str) -> ConfigError:
@@ -138,26 +162,88 @@ def nest(flat: dict) -> dict:
     return nested
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, refusing a mapping that gives the same key twice."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode):
+    """SafeConstructor.construct_yaml_map, after checking that no key is written twice."""
+    first_seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` may be overridden: YAML's own rule
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            mark = first_seen.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: construct_mapping reports it
+            continue
+        if mark is not key_node.start_mark:
+            raise yaml.constructor.ConstructorError(  # no mark: the message already says where
+                None, None, f"key {key!r} is given twice (lines {mark.line + 1} and {key_node.start_mark.line + 1}; "
+                            f"YAML would keep only the last); give each key once")
+    data: dict = {}
+    yield data  # two steps, as PyYAML's own: aliases to this mapping resolve to the same dict
+    data.update(loader.construct_mapping(node))
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """The one line of a YAML error that says what is wrong and where."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def parse_yaml(text: str, where: str, fix: str = ""):
+    """A YAML text's value (safe types only, no key given twice), or a ConfigError naming `where`
+    (and ending with `fix`, what to do)."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where} is not valid YAML: {_yaml_problem(e)}{fix}") from None
+
+
 def parse_override(text: str) -> dict:
     """'a.b=1' -> {'a': {'b': 1}}; values are parsed as YAML scalars (1, 0.1, true, name)."""
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not of the form key=value (e.g. lr=0.05)")
     key, raw = text.split("=", 1)
-    return nest({key: yaml.safe_load(raw) if raw.strip() else ""})
+    fix = f"; fix the value, or quote it if it is a string ({key}='...')"
+    return nest({key: parse_yaml(raw, f"the value of override {text!r}", fix) if raw.strip() else ""})
 
 
 def read_yaml(path: str | Path, what: str = "config file") -> dict:
-    """A YAML file's top-level mapping, or a ConfigError naming the file (`what`: how to call it)."""
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
-    try:
-        values = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    """A YAML file's top-level mapping, or a ConfigError naming the file (`what`: how to call it).
+
+    Every way a file can be wrong is one line: missing, a directory or device, unreadable, not
+    UTF-8 text (a binary file), not YAML, a key given twice, not a mapping."""
+    values = parse_yaml(_read_text(Path(path), what), f"{what} {path}") or {}
     if not isinstance(values, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of keys, not {type(values).__name__}")
     return values
+
+
+def _read_text(path: Path, what: str) -> str:
+    """The text of a UTF-8 file, or a ConfigError that says why it cannot be read."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give the path of a YAML file")
+    if not path.exists():
+        raise ConfigError(f"{what} {path} does not exist")
+    if not path.is_file():  # a FIFO or device: reading it could block or never end
+        raise ConfigError(f"{what} {path} is not a regular file; give the path of a YAML file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} cannot be read ({e.strerror or type(e).__name__}); check its "
+                          f"permissions") from None
+    try:
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark some editors write is not content
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+                          f"is it a binary file? give a YAML text file") from None
 
 
 def resolve(layers: list[tuple[dict, str]]) -> Config:
@@ -226,7 +312,43 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
     for key in ("momentum", "weight_decay", "threads", "data.color_jitter", "data.lighting"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)!r}")
+    for key, limit in AT_MOST.items():
+        if get_key(cfg, key) > limit:
+            raise ConfigError(f"config key '{key}' must be <= {limit}, got {get_key(cfg, key)}")
+    if not 0 <= cfg.seed < INT64[1]:  # rank r seeds with seed + r: torch takes 0 .. 2**64 - 1
+        raise ConfigError(f"config key 'seed' must be >= 0 and < 2**63, got {cfg.seed}")
+    _check_strings(cfg)
     return cfg
+
+
+def _check_strings(cfg: Config) -> None:
+    """Paths must not be empty; no string may hold a control character (a newline in a path or label
+    would break run dir names, tables and the sbatch scripts they end up in)."""
+    for key in NON_EMPTY_KEYS:
+        if not get_key(cfg, key).strip():
+            raise ConfigError(f"config key '{key}' is empty; give a directory (an empty path would mean the "
+                              f"current directory)")
+    for key, value in _scalar_items(cfg):
+        bad = unprintable(value) if isinstance(value, str) else None
+        if bad is not None:
+            raise ConfigError(f"config key '{key}' holds the control character {bad!r} in {value!r}; "
+                              f"remove it")
+
+
+def unprintable(text: str) -> str | None:
+    """The first character of `text` that is not printable (newline, CR, tab, NUL, escape, ...), or None."""
+    return next((c for c in text if not c.isprintable()), None)
+
+
+def _scalar_items(obj, prefix: str = ""):
+    """(dotted key, value) of every plain field of a config dataclass, the method's params included."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            name = obj.method if f.name == "method_params" else f.name
+            yield from _scalar_items(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{f.name}", value
 
 
 def get_key(cfg, dotted: str):

@@ -99,6 +99,28 @@ def _read_beton(path: Path, expected_bytes: int | None, hint: str
     return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64), shape
 
 
+def _check_meta(meta, meta_path: Path, hint: str) -> tuple[dict, int]:
+    """meta.json's `files` (a mapping of file name -> {bytes, sha256}) and `num_classes` (a positive
+    int that agrees with `classes` when that is there), or a DataError naming the entry and the fix."""
+    def bad(what: str) -> DataError:
+        return DataError(f"{meta_path}: {what} (damaged or edited?); {hint} --force")
+
+    if not isinstance(meta, dict):
+        raise bad(f"holds a JSON {type(meta).__name__}, not the record of a conversion")
+    if "files" not in meta or "num_classes" not in meta:
+        raise bad(f"lacks '{'files' if 'files' not in meta else 'num_classes'}'")
+    files, num_classes = meta["files"], meta["num_classes"]
+    if not isinstance(files, dict) or not all(isinstance(v, dict) for v in files.values()):
+        raise bad(f"'files' is {json.dumps(files)[:40]}, not a mapping of file name to its bytes and sha256")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise bad(f"'num_classes' is {json.dumps(num_classes)[:40]}, not a positive integer")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != num_classes):
+        listed = f"{len(classes)} classes" if isinstance(classes, list) else f"a {type(classes).__name__}"
+        raise bad(f"'num_classes' is {num_classes} but 'classes' lists {listed}")
+    return files, num_classes
+
+
 def open_dataset(path: str | os.PathLike) -> DatasetInfo:
     """Check a prepared dataset directory and read its metadata; every failure names the fix."""
     root = Path(path)
@@ -110,9 +132,9 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
         raise DataError(f"data.path {root} has no meta.json (not a prepared dataset); {hint}")
     try:
         meta = json.loads(meta_path.read_text())
-        files, num_classes = meta["files"], int(meta["num_classes"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path} is unreadable or lacks {e}; {hint} --force") from None
+    except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+        raise DataError(f"{meta_path} is unreadable ({type(e).__name__}: {e}); {hint} --force") from None
+    files, num_classes = _check_meta(meta, meta_path, hint)
     labels, shapes = {}, {}
     for split in SPLITS:
         beton = root / f"{split}.beton"

@@ -3,18 +3,32 @@
 torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under Slurm without
 torchrun, submitit's `TorchDistributedEnvironment().export()` sets the same variables; a bare
 `srun` sets only SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, which are used when MASTER_ADDR is given.
+
+Every variable is checked before anything runs (a one-line ConfigError naming it), and joining the
+other ranks waits at most CSKD_RENDEZVOUS_TIMEOUT_S seconds (default 300): variables left over in a
+shell (WORLD_SIZE=2 in a single process) fail with a message instead of waiting for ranks that never
+come. That bound covers the rendezvous only; collectives keep torch's own timeout.
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
+import sys
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_nccl_timeout, default_pg_timeout
 
 from cskd.errors import ConfigError
+
+RENDEZVOUS_TIMEOUT_VAR = "CSKD_RENDEZVOUS_TIMEOUT_S"
+DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
+_SINGLE = "or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run a single process"
 
 
 @dataclass(frozen=True)
@@ -33,21 +47,84 @@ class DistEnv:
         return self.world_size > 1
 
 
-def _env_int(*names: str) -> int | None:
-    for name in names:
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
-    return None
+@dataclass(frozen=True)
+class LaunchEnv:
+    """How this process was launched, from the environment; `names`: the variables that gave the
+    rank and the world size, for messages."""
+    rank: int
+    world_size: int
+    local_rank: int
+    names: tuple[str, str] = ("RANK", "WORLD_SIZE")
+
+
+def _env_int(name: str, minimum: int = 0) -> int | None:
+    """An integer environment variable (None if unset or empty), or a ConfigError naming it."""
+    raw = os.environ.get(name, "")
+    if not raw.strip():
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer; launchers (torchrun, Slurm) "
+                          f"set it: launch with torchrun, {_SINGLE}") from None
+    if value < minimum:
+        raise ConfigError(f"environment variable {name}={value} must be >= {minimum}; launch with torchrun, "
+                          f"{_SINGLE}")
+    return value
+
+
+def launch_env() -> LaunchEnv:
+    """This process's rank, world size and local rank from torchrun's variables, else Slurm's, else a
+    single process; checked for consistency, and for the rendezvous address when there are several."""
+    world = _env_int("WORLD_SIZE", minimum=1)
+    if world is not None:
+        env = LaunchEnv(_env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0)
+    elif os.environ.get("MASTER_ADDR") and _env_int("SLURM_NTASKS", minimum=1) not in (None, 1):
+        env = LaunchEnv(_env_int("SLURM_PROCID") or 0, _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID") or 0,
+                        ("SLURM_PROCID", "SLURM_NTASKS"))
+    else:
+        return LaunchEnv(0, 1, 0)
+    rank_name, world_name = env.names
+    if env.rank >= env.world_size:
+        raise ConfigError(f"{rank_name}={env.rank} is not below {world_name}={env.world_size}; launch with "
+                          f"torchrun, {_SINGLE}")
+    if env.world_size > 1:
+        _check_master(env)
+    return env
+
+
+def _check_master(env: LaunchEnv) -> None:
+    """Several processes meet at MASTER_ADDR:MASTER_PORT: both must be given, the port a TCP port."""
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name, "").strip()]
+    if missing:
+        raise ConfigError(f"{env.names[1]}={env.world_size} is set but {' and '.join(missing)} "
+                          f"{'is' if len(missing) == 1 else 'are'} not: launch with torchrun (it sets them all), "
+                          f"{_SINGLE}")
+    port = _env_int("MASTER_PORT", minimum=1)
+    if port > 65535:
+        raise ConfigError(f"environment variable MASTER_PORT={port} is not a TCP port (1-65535); launch with "
+                          f"torchrun, {_SINGLE}")
 
 
 def read_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's variables, else Slurm's, else a single process."""
-    world = _env_int("WORLD_SIZE")
-    if world is not None:
-        return _env_int("RANK") or 0, world, _env_int("LOCAL_RANK") or 0
-    if os.environ.get("MASTER_ADDR") and _env_int("SLURM_NTASKS") not in (None, 1):
-        return _env_int("SLURM_PROCID") or 0, _env_int("SLURM_NTASKS"), _env_int("SLURM_LOCALID") or 0
-    return 0, 1, 0
+    env = launch_env()
+    return env.rank, env.world_size, env.local_rank
+
+
+def rendezvous_timeout_s() -> float:
+    """How long joining the other ranks may take: CSKD_RENDEZVOUS_TIMEOUT_S, default 300 s."""
+    raw = os.environ.get(RENDEZVOUS_TIMEOUT_VAR, "").strip()
+    if not raw:
+        return DEFAULT_RENDEZVOUS_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"environment variable {RENDEZVOUS_TIMEOUT_VAR}={raw!r} must be a positive number of "
+                          f"seconds (default {DEFAULT_RENDEZVOUS_TIMEOUT_S:g})")
+    return value
 
 
 def resolve_device(preference: str, local_rank: int) -> torch.device:
@@ -60,17 +137,72 @@ def resolve_device(preference: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_preference: str = "auto") -> DistEnv:
     """Join the process group (nccl on CUDA, gloo on CPU) if launched with more than one process."""
-    rank, world_size, local_rank = read_env()
-    device = resolve_device(device_preference, local_rank)
+    launch = launch_env()
+    device = resolve_device(device_preference, launch.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
+    if launch.world_size > 1 and not dist.is_initialized():
+        os.environ.setdefault("RANK", str(launch.rank))
+        os.environ.setdefault("WORLD_SIZE", str(launch.world_size))
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, init_method="env://", **kwargs)
-    return DistEnv(rank, world_size, local_rank, device)
+        store = _rendezvous(launch, backend)
+        dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
+                                **kwargs)
+    return DistEnv(launch.rank, launch.world_size, launch.local_rank, device)
+
+
+def _rendezvous(launch: LaunchEnv, backend: str) -> dist.Store:
+    """The store at MASTER_ADDR:MASTER_PORT that env:// init would create (torchrun's agent store
+    included), once every rank has connected, within CSKD_RENDEZVOUS_TIMEOUT_S.
+
+    env:// init alone waits the process group's timeout (30 min) for ranks that may never come. The
+    store then gets that timeout back, as init_process_group gives it: only the meeting is bounded."""
+    timeout = rendezvous_timeout_s()
+    try:
+        with _stderr_kept_unless_failed():
+            store, _, _ = next(dist.rendezvous("env://", rank=launch.rank, world_size=launch.world_size,
+                                               timeout=timedelta(seconds=timeout)))
+    except (RuntimeError, ValueError, OSError) as e:  # torch's DistStoreError/DistNetworkError are RuntimeErrors
+        raise ConfigError(_rendezvous_failure(launch, timeout, e)) from None
+    store.set_timeout(default_pg_nccl_timeout if backend == "nccl" and default_pg_nccl_timeout else default_pg_timeout)
+    # As init_process_group does with a store it makes itself: torchrun's agent store is shared with
+    # the agent, so the process group's keys get a prefix of their own.
+    return dist.PrefixStore("default_pg", store)
+
+
+@contextmanager
+def _stderr_kept_unless_failed():
+    """Hold what is written to file descriptor 2 meanwhile: passed on if the block succeeds, dropped if
+    it fails. torch's C++ store logs each failed connection attempt with a C++ stack trace, straight
+    to fd 2; on failure the one-line error says what happened instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            raise
+        else:
+            os.dup2(saved, 2)
+            held.seek(0)
+            sys.stderr.buffer.write(held.read())
+            sys.stderr.flush()
+        finally:
+            os.close(saved)
+
+
+def _rendezvous_failure(launch: LaunchEnv, timeout: float, error: Exception) -> str:
+    rank_name, world_name = launch.names
+    where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
+    awaited = (f"the other {launch.world_size - 1} process(es) of {world_name}={launch.world_size} to connect"
+               if launch.rank == 0 else f"rank 0 of {world_name}={launch.world_size} to serve it")
+    said = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+    return (f"could not join the other ranks at {where}: as {rank_name}={launch.rank} this process gave up waiting "
+            f"for {awaited} ({RENDEZVOUS_TIMEOUT_VAR}={timeout:g} s; torch: {said}); start every rank together "
+            f"(torchrun --nproc_per_node=N), {_SINGLE}")
 
 
 def configure_torch(threads: int = 0, deterministic: bool = False) -> None:
@@ -167,3 +299,11 @@ def device_name(env: DistEnv) -> str:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def slurm_job_id() -> str | None:
+    """This process's Slurm job as `squeue` and job.json name it ('123', or '123_4' for an array task)."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
+    return os.environ.get("SLURM_JOB_ID") or None

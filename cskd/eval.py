@@ -11,6 +11,7 @@ buffers (the checkpoint's BatchNorm statistics), and the forward pass runs in fl
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -110,6 +111,31 @@ def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | No
             "device": D.device_name(env), **metrics}
 
 
+def check_out_path(out: str) -> None:
+    """Refuse an --out that cannot become a file: a directory, a device or pipe (an atomic write would
+    replace it: /dev/stdout), or a path below something that is not a writable directory."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a directory; give a file name, e.g. --out {path / 'eval.json'}")
+    if (path.exists() or path.is_symlink()) and not path.is_file():
+        raise ConfigError(f"--out {out} is not a regular file (a device, pipe or dangling link), and --out "
+                          f"replaces its file; give a file name (the result is printed anyway)")
+    parent = next((p for p in path.parents if p.exists()), Path("."))
+    if not parent.is_dir():
+        raise ConfigError(f"--out {out}: {parent} is a file, not a directory; give a path in a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--out {out}: {parent} is not writable; give a path in a directory you may write")
+
+
+def _write_result(out: str, result: dict) -> None:
+    """Write the result atomically; a failure is one line (the result was already printed)."""
+    try:
+        write_json(out, result)
+    except OSError as e:
+        raise ConfigError(f"could not write --out {out} ({e.strerror or type(e).__name__}); the result is printed "
+                          f"above; give another --out") from None
+
+
 def format_result(result: dict) -> str:
     lines = [f"{result['run_dir']} ({result['checkpoint']}, epoch {result['epoch'] + 1}) on {result['data']} "
              f"test: {result['samples']} samples, {result['device']}"]
@@ -129,11 +155,13 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="also write the result as JSON (atomically) to this file")
     args = parser.parse_args(argv)
     try:
+        if args.out:
+            check_out_path(args.out)  # before the evaluation, which takes a while
         result = run_eval(args.run_dir, args.checkpoint, args.data, args.ece_bins, args.device)
         if result is not None:
             log(format_result(result))
             if args.out:
-                write_json(args.out, result)
+                _write_result(args.out, result)
     except CskdError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -8,6 +8,7 @@
       summary.json     written once, last: the run is done (`build_summary` below)
       reliability.png  the final epoch's reliability diagram
       job.json         written by launch/ (who runs the run, where its log is); not the trainer's
+      run.lock         exists while a trainer holds the run dir (`lock`): one writer per run dir
 
 Every file is replaced atomically. This module is the one place that names them; the trainer
 builds summary.json with `build_summary` and everything else reads it with `read_summary`.
@@ -19,15 +20,15 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from cskd import config as config_mod
 from cskd.errors import RunDirError
 from cskd.fileio import write_json, write_text
+from cskd.lock import DirLock, holder
 from cskd.metrics import METRIC_NAMES
 
-CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, JOB = (
-    "config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "reliability.png", "job.json")
+CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, JOB, LOCK = (
+    "config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "reliability.png", "job.json",
+    "run.lock")
 ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY)  # the trainer's files; --force removes them
 SUMMARY_SCHEMA = 1
 BEST_NOTE = "best = the epoch of lowest test top1_err; it selects on the test set, like the references"
@@ -35,8 +36,7 @@ BEST_NOTE = "best = the epoch of lowest test top1_err; it selects on the test se
 
 def _saved_identity(path: Path) -> dict:
     try:
-        saved = yaml.safe_load(path.read_text())
-        return config_mod.identity_dict(config_mod.from_dict(saved))
+        return config_mod.identity_dict(config_mod.from_dict(config_mod.read_yaml(path, "saved config")))
     except Exception as e:  # a hand-edited or foreign file: refuse rather than guess
         raise RunDirError(f"{path} cannot be read as a cskd config ({e}); use another out_dir, or --force") from None
 
@@ -47,7 +47,7 @@ def read_config(run_dir: str | Path) -> config_mod.Config:
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {CONFIG}: not a cskd run dir (give the directory a run was trained into)")
     try:
-        return config_mod.from_dict(yaml.safe_load(path.read_text()) or {})
+        return config_mod.from_dict(config_mod.read_yaml(path, "saved config"))
     except Exception as e:
         raise RunDirError(f"{path} cannot be read as a cskd config ({str(e)[:200]}); was it edited by hand?") from None
 
@@ -65,14 +65,49 @@ def check_same_config(cfg: config_mod.Config) -> None:
         raise RunDirError(f"{out} holds run files but no {CONFIG}; use another out_dir, or pass --force")
 
 
+def run_dir_lock(out_dir: str | Path) -> DirLock:
+    """The run dir's exclusive lock, taken by `with` (which creates the dir): held by the one process
+    that writes the run dir, released by the OS when it dies. A second writer gets a one-line error
+    naming the holder."""
+    return DirLock(out_dir, LOCK, "run dir")
+
+
+def lock_holder(out_dir: str | Path) -> dict | None:
+    """Who holds the run dir now ({host, pid, job_id, since}), or None if no live process does."""
+    return holder(out_dir, LOCK)
+
+
+def check_same_data(out_dir: str | Path, saved: dict | None, current: dict) -> None:
+    """Refuse to continue a run on other data: `saved` and `current` are the .beton sha256s
+    (`DatasetInfo.sha256`) the run started on and those under its data.path now."""
+    if saved is None or saved == current:
+        return
+    changed = [name for name in sorted(set(saved) | set(current)) if saved.get(name) != current.get(name)]
+    first = changed[0]
+    raise RunDirError(
+        f"{out_dir} was trained on other data: {first} had sha256 {str(saved.get(first))[:12]}..., the file under "
+        f"data.path now has {str(current.get(first))[:12]}... (the dataset was converted again); resuming would "
+        f"mix two datasets: restore the old conversion, or pass --force to start this run over on the new one")
+
+
 def remove_artifacts(out_dir: str | Path) -> None:
     for name in ARTIFACTS:
         (Path(out_dir) / name).unlink(missing_ok=True)
 
 
+def remove_stale_temp_files(out_dir: str | Path) -> None:
+    """Temp files of atomic writes that a killed writer left behind (`.checkpoint.pt.k3j9.tmp`, as
+    large as a checkpoint). Only for the holder of the run dir's lock: no other writer is mid-write."""
+    for name in ARTIFACTS:
+        for path in Path(out_dir).glob(f".{name}.*.tmp"):
+            path.unlink(missing_ok=True)
+
+
 def prepare(cfg: config_mod.Config, force: bool) -> str:
-    """Decide what to do with `cfg.out_dir`: 'new', 'resume' or 'complete'; writes config.yaml."""
+    """Decide what to do with `cfg.out_dir`: 'new', 'resume' or 'complete'; writes config.yaml.
+    The caller holds the run dir's lock (`run_dir_lock`)."""
     out = Path(cfg.out_dir)
+    remove_stale_temp_files(out)
     if force:
         remove_artifacts(out)
     saved = out / CONFIG

@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -120,17 +120,18 @@ class Run:
     progress: Progress
 
 
-def _setup_run_dir(cfg: Config, env: D.DistEnv, force: bool) -> str:
-    """Rank 0 decides new/resume/complete (or the error); every rank gets the same answer."""
-    decision = None
+def _main_rank_decides(env: D.DistEnv, decide):
+    """`decide()` runs on rank 0 only; every rank returns its result or raises its CskdError, so no
+    rank is left waiting in a collective for a rank that gave up."""
+    outcome = None
     if env.is_main:
         try:
-            decision = ("ok", rundir.prepare(cfg, force))
+            outcome = ("ok", decide())
         except CskdError as e:
-            decision = ("error", str(e))
-    kind, value = D.broadcast_object(decision)
+            outcome = ("error", e)
+    kind, value = D.broadcast_object(outcome)
     if kind == "error":
-        raise ConfigError(value)
+        raise value
     return value
 
 
@@ -145,8 +146,14 @@ def _warn_unsynced_batchnorm(cfg: Config, env: D.DistEnv, net: nn.Module) -> Non
 def _restore(run: Run) -> Progress:
     """Load the run dir's checkpoint into the run's objects; return the saved progress."""
     cfg, env = run.cfg, run.env
-    saved = ckpt.load(os.path.join(cfg.out_dir, rundir.CHECKPOINT))
-    run.net.load_state_dict(saved["model"])
+    path = os.path.join(cfg.out_dir, rundir.CHECKPOINT)
+    saved = ckpt.load(path)
+    rundir.check_same_data(cfg.out_dir, saved.get("data_sha256"), run.dataset.sha256())
+    try:
+        run.net.load_state_dict(saved["model"])
+    except (RuntimeError, KeyError) as e:  # config.yaml says the same model, so the checkpoint is foreign
+        raise RunDirError(f"{path} does not hold this run's model ({cfg.model}, {run.dataset.num_classes} classes): "
+                          f"{str(e).splitlines()[0][:200]}; pass --force to start the run over") from None
     run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     run.method.load_state_dict(saved["method"])
@@ -220,7 +227,7 @@ def _save_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict, bins: 
     ckpt.save(os.path.join(cfg.out_dir, rundir.CHECKPOINT), {
         **dataclasses.asdict(run.progress), "model": model_state, "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(), "method": run.method.state_dict(), "rng": rng,
-        "config": to_dict(cfg), "classes": run.dataset.meta.get("classes")})
+        "config": to_dict(cfg), "classes": run.dataset.meta.get("classes"), "data_sha256": run.dataset.sha256()})
     rundir.append_metrics(cfg.out_dir, record)
     if improved:
         ckpt.save_best(cfg.out_dir, model_state, epoch, test, run.dataset.meta.get("classes"))
@@ -278,18 +285,24 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
     if cfg.sync_bn and env.device.type != "cuda":
         raise ConfigError("sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernels); set sync_bn=false")
     D.configure_torch(cfg.threads, cfg.deterministic)
-    dataset = open_dataset(cfg.data.path)
-    D.check_identical((cfg.seed, len(dataset.labels["train"])), "(seed, training-set size)")
-    status = _setup_run_dir(cfg, env, force)
-    if status == "complete":
-        if env.is_main:
-            path = os.path.join(cfg.out_dir, rundir.SUMMARY)
-            log(f"{cfg.out_dir} is already complete ({path}); pass --force to train again")
-            return rundir.read_summary(path).raw
-        return None
-    run = setup(cfg, env, dataset, resume=status == "resume")
-    train_loop(run)
-    return finish(run)
+    with ExitStack() as held:
+        def lock_run_dir() -> None:  # held until the run returns or fails; the OS drops it if we die
+            held.enter_context(rundir.run_dir_lock(cfg.out_dir))
+
+        # First of all, before the slow dataset checks: a second writer of this run dir stops here.
+        _main_rank_decides(env, lock_run_dir)
+        dataset = open_dataset(cfg.data.path)
+        D.check_identical((cfg.seed, len(dataset.labels["train"])), "(seed, training-set size)")
+        status = _main_rank_decides(env, lambda: rundir.prepare(cfg, force))
+        if status == "complete":
+            if env.is_main:
+                path = os.path.join(cfg.out_dir, rundir.SUMMARY)
+                log(f"{cfg.out_dir} is already complete ({path}); pass --force to train again")
+                return rundir.read_summary(path).raw
+            return None
+        run = setup(cfg, env, dataset, resume=status == "resume")
+        train_loop(run)
+        return finish(run)
 
 
 def parse_args(argv=None) -> tuple[Config, bool]:

@@ -62,7 +62,9 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
                 hook(p)
     for p in sub.choices.values():
         p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--force", action="store_true", help="rewrite even if DIR holds this exact conversion")
+        p.add_argument("--force", action="store_true",
+                       help="write even if DIR holds another conversion (different options, seed or source files) "
+                            "or files without meta.json; also rewrites an up-to-date DIR")
     return parser
 
 
@@ -89,11 +91,13 @@ def _resize(args):
 
 
 def _convert(args) -> str:
+    from datasets_prep.outdir import check_path
     from datasets_prep.writer import write_source
 
     if not 1 <= args.jpeg_quality <= 100:
         raise DataError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
     resize = _resize(args)
+    check_path(Path(args.out))  # before reading the source, which can take minutes (ImageNet)
     source = _import(args.name).read(args.src, args)
     s = write_source(args.out, source, resize=resize, write_mode=args.write_mode, jpeg_quality=args.jpeg_quality,
                      workers=max(1, args.workers), skip_bad=args.skip_bad,

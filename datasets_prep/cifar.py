@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import codecs
 import pickle
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, require, sha256
+from datasets_prep.source import Source, int_labels, require, sha256
 
 LAYOUT = {  # name -> (folder, {split: files}, meta file, class-name key, label key)
     "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
@@ -48,17 +49,60 @@ class _CifarUnpickler(pickle.Unpickler):
 
 
 def _load(path: Path, what: str) -> dict:
+    """The dict a CIFAR pickle holds; anything else (a truncated or corrupt file, another object) is a
+    DataError naming the file."""
     try:
-        with open(require(path, what), "rb") as f:
-            return _CifarUnpickler(f, encoding="latin1").load()  # Python-2 pickles; latin1: str keys, as torchvision
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        with open(require(path, what, "file"), "rb") as f, warnings.catch_warnings():
+            # numpy 2 warns (on stderr) about the int `align` argument numpy-1 pickles pass to dtype()
+            warnings.simplefilter("ignore")
+            d = _CifarUnpickler(f, encoding="latin1").load()  # Python-2 pickles; latin1: str keys, as torchvision
+    except Exception as e:
+        # a damaged pickle fails anywhere in pickle or numpy's reconstructors (measured on truncated and
+        # bit-flipped files: UnpicklingError, EOFError, MemoryError, LookupError, IndexError, ...); the
+        # restricted unpickler guarantees none of it is code of the file's choosing
         raise DataError(f"{path}: not a CIFAR pickle ({type(e).__name__}: {e}); re-extract the archive") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: holds a {type(d).__name__}, not a CIFAR dict; re-extract the archive")
+    return d
 
 
 def _field(d: dict, key: str, path: Path):
     if key not in d:
         raise DataError(f"{path} has no '{key}' entry (keys: {', '.join(map(str, d))}); wrong CIFAR version?")
     return d[key]
+
+
+def _names(d: dict, key: str, path: Path) -> list[str]:
+    """A list of class names (str, or bytes from an unusual pickle)."""
+    names = _field(d, key, path)
+    if not isinstance(names, list) or not names or not all(isinstance(c, (str, bytes)) for c in names):
+        raise DataError(f"{path}: '{key}' is not a non-empty list of names (got {type(names).__name__}); "
+                        f"re-extract the archive")
+    return [c.decode("latin1") if isinstance(c, bytes) else c for c in names]
+
+
+def _images(d: dict, path: Path) -> np.ndarray:
+    """The batch's images, N x 32 x 32 x 3, from `data` (uint8 N x 3072: R, G, B planes, row-major)."""
+    data = _field(d, "data", path)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        desc = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"{path}: 'data' is a {desc}, expected a uint8 N x 3072 array; re-extract the archive")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
+
+
+def _batch(path: Path, what: str, label_key: str, classes: list[str], coarse: list[str] | None):
+    """(images, labels, coarse labels or None) of one batch file, every entry checked."""
+    d = _load(path, what)
+    images = _images(d, path)
+    labels = int_labels(_field(d, label_key, path), len(classes), f"{path} '{label_key}'")
+    if len(labels) != len(images):
+        raise DataError(f"{path}: {len(images)} images but {len(labels)} '{label_key}'; re-extract the archive")
+    if coarse is None:
+        return images, labels, None
+    coarse_labels = int_labels(_field(d, "coarse_labels", path), len(coarse), f"{path} 'coarse_labels'")
+    if len(coarse_labels) != len(labels):
+        raise DataError(f"{path}: {len(labels)} fine but {len(coarse_labels)} coarse labels; re-extract the archive")
+    return images, labels, coarse_labels
 
 
 def read(src: Path, args) -> Source:
@@ -69,28 +113,22 @@ def read(src: Path, args) -> Source:
     root = src if src.name == folder or not (src / folder).is_dir() else src / folder
     meta_path = root / meta_name
     meta = _load(meta_path, f"{name} label names")
-    classes = [str(c) for c in _field(meta, names_key, meta_path)]
+    classes = _names(meta, names_key, meta_path)
+    coarse = _names(meta, "coarse_label_names", meta_path) if name == "cifar100" else None
     files = {f"{folder}/{meta_name}": sha256(meta_path)}
     splits, coarse_of_class = {}, {}
     for split, names in lists.items():
         samples = []
         for file in names:
             path = root / file
-            d = _load(path, f"{name} {split} batch")
-            data, labels = np.asarray(_field(d, "data", path)), _field(d, label_key, path)
-            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-                raise DataError(f"{path}: data is {data.dtype} {data.shape} for {len(labels)} labels, "
-                                f"expected uint8 N x 3072")
-            images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # CHW planes -> HWC
-            samples += [(np.ascontiguousarray(img), int(y)) for img, y in zip(images, labels)]
-            if name == "cifar100":
-                for fine, coarse in zip(labels, _field(d, "coarse_labels", path)):
-                    if coarse_of_class.setdefault(int(fine), int(coarse)) != int(coarse):
-                        raise DataError(f"{path}: fine label {fine} has two coarse labels")
+            images, labels, coarse_labels = _batch(path, f"{name} {split} batch", label_key, classes, coarse)
+            samples += [(np.ascontiguousarray(img), y) for img, y in zip(images, labels)]
+            for fine, c in zip(labels, coarse_labels or ()):
+                if coarse_of_class.setdefault(fine, c) != c:
+                    raise DataError(f"{path}: fine label {fine} has two coarse labels ({coarse_of_class[fine]}, {c})")
             files[f"{folder}/{file}"] = sha256(path)
         splits[split] = samples
     extra = {}
     if name == "cifar100":
-        extra = {"coarse_classes": [str(c) for c in _field(meta, "coarse_label_names", meta_path)],
-                 "coarse_of_class": [coarse_of_class.get(i) for i in range(len(classes))]}
+        extra = {"coarse_classes": coarse, "coarse_of_class": [coarse_of_class.get(i) for i in range(len(classes))]}
     return Source(name, classes, splits, files, dict(EXPECTED), extra)

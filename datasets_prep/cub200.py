@@ -13,50 +13,68 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, read_lines, sha256
+from datasets_prep.source import Source, by_id, parse_int, read_table, sha256
 
 FOLDER = "CUB_200_2011"
 EXPECTED = {"train": 5994, "test": 5794}
-LISTS = {"images.txt": "image paths", "image_class_labels.txt": "image labels",
-         "train_test_split.txt": "the train/test split", "classes.txt": "class names"}
+# list -> (what it holds, its columns); the last column of images.txt / classes.txt is a name
+LISTS = {"images.txt": ("image paths", ("image_id", "path")),
+         "image_class_labels.txt": ("image labels", ("image_id", "class_id")),
+         "train_test_split.txt": ("the train/test split", ("image_id", "is_training_image")),
+         "classes.txt": ("class names", ("class_id", "name"))}
 
 
-def _table(path: Path, what: str) -> list[tuple[int, str, str]]:
-    """(line number, id, value) of an 'id value' list; the value may contain spaces."""
-    rows = []
-    for n, line in enumerate(read_lines(path, what), 1):
-        parts = line.split(maxsplit=1)
-        if len(parts) != 2:
-            raise DataError(f"{path} line {n}: expected '<id> <value>', got {line!r}")
-        rows.append((n, parts[0], parts[1].strip()))
-    return rows
+def _tables(root: Path) -> dict[str, dict[int, tuple[int, list[str]]]]:
+    """Each list as {id: (line number, [value])}, every line checked (column count, integer id, no repeat)."""
+    tables = {}
+    for name, (what, columns) in LISTS.items():
+        path, rest = root / name, columns[1] in ("path", "name")  # a path or name may contain spaces
+        tables[name] = by_id(path, read_table(path, f"CUB-200-2011 {what}", columns, rest=rest))
+    return tables
+
+
+def _same_ids(root: Path, tables: dict) -> None:
+    """image_class_labels.txt and train_test_split.txt list exactly the images of images.txt."""
+    images = tables["images.txt"]
+    for name in ("image_class_labels.txt", "train_test_split.txt"):
+        other = tables[name]
+        missing = next((i for i in images if i not in other), None)
+        if missing is not None:
+            raise DataError(f"{root / name}: no entry for image id {missing} ({root / 'images.txt'} line "
+                            f"{images[missing][0]}); re-extract the dataset's archive")
+        extra = next((i for i in other if i not in images), None)
+        if extra is not None:
+            raise DataError(f"{root / name} line {other[extra][0]}: image id {extra} is not in "
+                            f"{root / 'images.txt'}; re-extract the dataset's archive")
 
 
 def read(src: Path, args=None) -> Source:
     """Read CUB-200-2011 from `src` (see the module docstring)."""
     src = Path(src)
     root = src / FOLDER if (src / FOLDER).is_dir() else src
-    tables = {name: _table(root / name, f"CUB-200-2011 {what}") for name, what in LISTS.items()}
+    tables = _tables(root)
     files = {f"{FOLDER}/{name}": sha256(root / name) for name in LISTS}
 
-    class_rows = sorted(tables["classes.txt"], key=lambda r: int(r[1]))
-    classes = [folder for _, _, folder in class_rows]
-    if [int(i) for _, i, _ in class_rows] != list(range(1, len(classes) + 1)) or classes != sorted(classes):
+    class_ids = sorted(tables["classes.txt"])
+    classes = [tables["classes.txt"][i][1][0] for i in class_ids]
+    if class_ids != list(range(1, len(classes) + 1)) or classes != sorted(classes):
         raise DataError(f"{root / 'classes.txt'}: class ids must run 1..N in sorted folder order")
+    _same_ids(root, tables)
 
-    label = {i: (n, c) for n, i, c in tables["image_class_labels.txt"]}
-    is_train = {i: (n, v) for n, i, v in tables["train_test_split.txt"]}
+    labels, is_train = tables["image_class_labels.txt"], tables["train_test_split.txt"]
     splits = {"train": [], "test": []}
-    for n, image_id, rel in tables["images.txt"]:
-        for table, name in ((label, "image_class_labels.txt"), (is_train, "train_test_split.txt")):
-            if image_id not in table:
-                raise DataError(f"{root / name}: no entry for image id {image_id} ({root / 'images.txt'} line {n})")
-        class_id = int(label[image_id][1])
+    for image_id, (n, (rel,)) in tables["images.txt"].items():
+        line, (value,) = labels[image_id]
+        where = f"{root / 'image_class_labels.txt'} line {line}"
+        class_id = parse_int(value, where, "class id")
         if not 1 <= class_id <= len(classes) or rel.split("/")[0] != classes[class_id - 1]:
-            raise DataError(f"{root / 'image_class_labels.txt'} line {label[image_id][0]}: class {class_id} does "
-                            f"not match the folder of {rel}")
+            raise DataError(f"{where}: class {class_id} does not match the folder of {rel}")
+        line, (flag,) = is_train[image_id]
+        if flag not in ("0", "1"):
+            raise DataError(f"{root / 'train_test_split.txt'} line {line}: is_training_image is {flag!r}, "
+                            f"expected 0 or 1; re-extract the dataset's archive")
         image = root / "images" / rel
         if not image.is_file():
             raise DataError(f"{root / 'images.txt'} line {n}: {rel} has no image at {image}")
-        splits["train" if is_train[image_id][1] == "1" else "test"].append((image, class_id - 1))
+        splits["train" if flag == "1" else "test"].append((image, class_id - 1))
     return Source("cub200", classes, splits, files, dict(EXPECTED))

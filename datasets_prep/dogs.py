@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, check_classes, require, sha256
+from datasets_prep.source import Source, check_classes, load_mat, require, sha256
 
 EXPECTED = {"train": 12000, "test": 8580}
 
@@ -29,24 +29,24 @@ def find_list(src: Path, name: str) -> Path:
 
 def read_mat_list(path: Path) -> tuple[list[str], np.ndarray]:
     """(relative image paths, 0-based labels) of a `*_list.mat` file."""
-    from scipy.io import loadmat
-
+    mat = load_mat(path, "a Stanford Dogs list from lists.tar")
     try:
-        mat = loadmat(path)
         # file_list is an N x 1 cell array: each cell is a 1-element char array
         files = [str(cell.item()).replace("\\", "/") for cell in mat["file_list"].ravel()]
         labels = mat["labels"].ravel().astype(np.float64)
-    except (KeyError, ValueError, TypeError, OSError) as e:
-        raise DataError(f"{path}: not a Stanford Dogs list (.mat with file_list and labels): {e}") from e
-    if len(files) != len(labels) or not np.all(labels == np.round(labels)):
-        raise DataError(f"{path}: file_list and labels differ in length, or labels are not integers")
+    except (KeyError, ValueError, TypeError, AttributeError, IndexError) as e:
+        raise DataError(f"{path}: not a Stanford Dogs list (.mat with file_list and labels): "
+                        f"{type(e).__name__}: {e}; re-extract lists.tar") from None
+    if len(files) != len(labels) or not np.all(labels == np.round(labels)) or not np.isfinite(labels).all():
+        raise DataError(f"{path}: file_list and labels differ in length, or labels are not integers; "
+                        f"re-extract lists.tar")
     return files, labels.astype(np.int64) - 1
 
 
 def read(src: Path, args=None) -> Source:
     """Read Stanford Dogs from `src` (see the module docstring)."""
     src = Path(src)
-    images = require(src / "Images", "Stanford Dogs images from images.tar")
+    images = require(src / "Images", "Stanford Dogs images from images.tar", "dir")
     classes = sorted(p.name for p in images.iterdir() if p.is_dir())
     index = {name: i for i, name in enumerate(classes)}
     splits, files = {}, {}

@@ -20,7 +20,7 @@ import os
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, check_classes, read_lines, require, sha256
+from datasets_prep.source import Source, check_classes, load_mat, read_lines, require, sha256
 
 EXPECTED = {"train": 1281167, "test": 50000}
 EXTENSIONS = (".jpeg", ".jpg", ".png")  # one train "JPEG" is really a PNG; the writer decodes by content
@@ -56,15 +56,15 @@ def read_folders(root: Path, index: dict[str, int], what: str) -> list[tuple[Pat
 
 def leaf_synsets(meta: Path) -> dict[int, tuple[str, str]]:
     """Devkit ILSVRC2012_ID -> (wnid, words) for the 1000 leaf synsets of meta.mat."""
-    from scipy.io import loadmat
-
+    synsets = load_mat(meta, "devkit synsets", squeeze_me=True)
     try:
-        synsets = loadmat(require(meta, "devkit synsets"), squeeze_me=True)["synsets"]
+        synsets = synsets["synsets"]
         rows = zip(synsets["ILSVRC2012_ID"], synsets["WNID"], synsets["words"], synsets["num_children"])
         # the other synsets are inner nodes of the hierarchy (num_children > 0), never labels
         return {int(i): (str(w), str(words)) for i, w, words, kids in rows if int(kids) == 0}
-    except (KeyError, ValueError, TypeError) as e:
-        raise DataError(f"{meta}: not an ILSVRC2012 meta.mat with a synsets struct: {e}") from e
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise DataError(f"{meta}: not an ILSVRC2012 meta.mat with a synsets struct ({type(e).__name__}: {e}); "
+                        f"re-extract the devkit") from None
 
 
 def flat_val(val: Path, labels: list[tuple[str, str]], index: dict[str, int], listing: Path):
@@ -87,7 +87,7 @@ def devkit_val(src: Path, val: Path, args, index: dict[str, int]):
     meta = devkit / "data" / "meta.mat"
     synsets = leaf_synsets(meta)
     ids = read_lines(truth, "devkit val labels")
-    bad = next((s for s in ids if not s.isdigit() or int(s) not in synsets), None)
+    bad = next((s for s in ids if not (s.isascii() and s.isdigit()) or int(s) not in synsets), None)
     if bad is not None:
         raise DataError(f"{truth}: {bad!r} is not the ILSVRC2012_ID of a leaf synset in {meta}")
     # line i (1-based) is the label of ILSVRC2012_val_%08d.JPEG with that i
@@ -97,13 +97,14 @@ def devkit_val(src: Path, val: Path, args, index: dict[str, int]):
 
 
 def kaggle_val(src: Path, val: Path, index: dict[str, int]):
-    solution = require(src / "LOC_val_solution.csv", "Kaggle val labels")
-    with open(solution, newline="") as f:
-        rows = list(csv.DictReader(f))
+    solution = require(src / "LOC_val_solution.csv", "Kaggle val labels", "file")
     try:
+        with open(solution, newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.DictReader(f))
         labels = [(row["ImageId"], row["PredictionString"].split()[0]) for row in rows]
-    except (KeyError, IndexError, AttributeError) as e:
-        raise DataError(f"{solution}: expected columns ImageId,PredictionString ({e})") from e
+    except (KeyError, IndexError, AttributeError, csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{solution}: expected UTF-8 CSV columns ImageId,PredictionString with a wnid first "
+                        f"({type(e).__name__}: {e}); re-download it") from None
     return flat_val(val, labels, index, solution), {solution.name: sha256(solution)}
 
 
@@ -112,7 +113,7 @@ def read(src: Path, args=None) -> Source:
     src = Path(src)
     kaggle = (src / KAGGLE).is_dir()
     root = src / KAGGLE if kaggle else src
-    train = require(root / "train", "ImageNet train/<wnid>/ folders")
+    train = require(root / "train", "ImageNet train/<wnid>/ folders", "dir")
     classes = sorted(p.name for p in train.iterdir() if p.is_dir())
     index = {wnid: i for i, wnid in enumerate(classes)}
     splits = {"train": read_folders(train, index, "train")}

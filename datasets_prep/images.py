@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from cskd.errors import DataError
+from datasets_prep.staging import die_with_parent
 
 RESIZE_POLICIES = ("none", "short-side-center-crop")
 
@@ -129,7 +130,9 @@ def validate(samples, workers: int = 1, resize: Resize | None = None, stats: boo
     result = Validation(bad, ok, 0, 0, None, 0, np.zeros(3), np.zeros(3))
     shapes = set()
     chunk = max(1, min(256, len(samples) // (4 * max(workers, 1)) or 1))
-    pool = Pool(workers) if workers > 1 else None
+    # die_with_parent: a pool worker blocks on its task queue forever if this process is killed (the
+    # fork hook of datasets_prep.staging covers it during a conversion; this also covers other callers)
+    pool = Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) if workers > 1 else None
     try:
         results = pool.imap(_check_one, jobs, chunksize=chunk) if pool else map(_check_one, jobs)
         for i, (reason, h, w, s, sq) in enumerate(progress(results, len(samples), label)):

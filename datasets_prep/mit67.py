@@ -21,7 +21,7 @@ LISTS = {"train": "TrainImages.txt", "test": "TestImages.txt"}
 def read(src: Path, args=None) -> Source:
     """Read MIT67 from `src` (see the module docstring)."""
     src = Path(src)
-    images = require(src / "Images", "MIT67 images from indoorCVPR_09.tar")
+    images = require(src / "Images", "MIT67 images from indoorCVPR_09.tar", "dir")
     classes = sorted(p.name for p in images.iterdir() if p.is_dir())
     index = {name: i for i, name in enumerate(classes)}
     splits, files = {}, {}

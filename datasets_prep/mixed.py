@@ -66,6 +66,8 @@ def read(src: Path | None, args=None) -> Source:
     per_class, seed = getattr(args, "per_class", 30), getattr(args, "seed", 0)
     if per_class < 1:
         raise DataError(f"--per-class must be at least 1, got {per_class}")
+    if seed < 0:  # numpy's default_rng takes non-negative seeds only
+        raise DataError(f"--seed must be 0 or more, got {seed}")
     src = Path(src) if src is not None else None
     classes, superclass_of_class, files, parts, problems = [], [], {}, {}, []
     by_label: dict[int, list] = {}

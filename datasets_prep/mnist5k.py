@@ -60,6 +60,8 @@ def read(src: Path | None, args=None) -> Source:
     train_per_class, seed = getattr(args, "train_per_class", 400), getattr(args, "seed", 0)
     if not 0 < train_per_class < PER_CLASS:
         raise DataError(f"--train-per-class must be between 1 and {PER_CLASS - 1}, got {train_per_class}")
+    if seed < 0:  # numpy's default_rng takes non-negative seeds only
+        raise DataError(f"--seed must be 0 or more, got {seed}")
     path = require(Path(src), "the MNIST-5k CSV, mnist_5k.csv.gz") if src is not None else locate_csv()
     table = _table(path)
     labels = table[:, 784]

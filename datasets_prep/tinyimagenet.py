@@ -31,7 +31,7 @@ def read(src: Path, args=None) -> Source:
 
     train = []
     for wnid in classes:
-        folder = require(root / "train" / wnid / "images", f"training images of class {wnid} (wnids.txt)")
+        folder = require(root / "train" / wnid / "images", f"training images of class {wnid} (wnids.txt)", "dir")
         images = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         if not images:
             raise DataError(f"{folder} is empty: class {wnid} has no training image")

@@ -1,16 +1,16 @@
 """Write a prepared dataset: FFCV .beton per split (fields image, label, index) and meta.json.
 
-Atomic as a whole: the files are written into a temporary directory beside the output, the old
-meta.json is removed first (so an interrupted replacement reads as "not prepared", never as a
-mix), then the .beton files are moved in and meta.json is written last.
+Before any work, datasets_prep.outdir decides whether the output directory may be written (an
+existing different conversion is never replaced without --force). Atomic as a whole: the files
+are written into the conversion's locked temporary folder inside the output directory
+(datasets_prep.staging, which also makes every worker process die with the converting process),
+the old meta.json is removed first (so an interrupted replacement reads as "not prepared", never
+as a mix), then the .beton files are moved in and meta.json is written last.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,23 +18,9 @@ import numpy as np
 
 from cskd.errors import DataError
 from cskd.fileio import write_json
+from datasets_prep import outdir, staging
 from datasets_prep.images import Resize, load_rgb, validate
 from datasets_prep.source import Source, check_classes, check_counts, sha256
-
-
-def up_to_date(out: Path, meta: dict, keys=None) -> bool:
-    """True if `out` already holds exactly this conversion (same source, parameters, complete files):
-    its meta.json equals `meta` on `keys` (default: on everything but the files entry)."""
-    try:
-        old = json.loads((out / "meta.json").read_text())
-    except (OSError, ValueError):
-        return False
-    keys = keys or (set(meta) | set(old)) - {"files"}
-    if any(old.get(k) != meta.get(k) for k in keys):
-        return False
-    return all((out / name).is_file() and (out / name).stat().st_size == info["bytes"]
-               for name, info in old.get("files", {}).items())
-
 
 MIN_PAGE = 1 << 21  # FFCV's minimum page size (2 MiB)
 
@@ -52,42 +38,68 @@ def _fields(write_mode: str, jpeg_quality: int = 90, smart_threshold: int | None
             "label": IntField(), "index": IntField()}
 
 
-def commit(out: Path, jobs: dict, meta: dict, check=None) -> dict:
-    """Write each split's .beton ({split: (dataset, fields, workers, page_size)}) into a temporary
-    directory inside `out`, call `check(tmp)` (which raises to abort), then move the files in and
-    write meta.json (with the files' sizes and sha256) last. Returns the files entry."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    _quiet_tqdm()
+def _abandon_queues(tb) -> None:
+    """Let Python exit although FFCV's work queue still holds chunks no worker will read: at exit,
+    multiprocessing joins every queue's feeder thread, which waits forever on a full pipe (measured
+    after a writer worker was killed). The queues are locals of the failed call, found in its frames."""
+    from multiprocessing.queues import Queue
+
+    while tb is not None:
+        for value in list(tb.tb_frame.f_locals.values()):
+            if isinstance(value, Queue):
+                value.cancel_join_thread()
+        tb = tb.tb_next
+
+
+def _write(path: Path, dataset, fields: dict, workers: int, page_size: int) -> None:
+    """One .beton through FFCV's DatasetWriter; a worker that dies is a DataError, not a hang."""
     from ffcv.writer import DatasetWriter
-    tmp = Path(tempfile.mkdtemp(prefix=".prep-", dir=out))
+
+    writer = DatasetWriter(str(path), fields, page_size=page_size, num_workers=workers)
     try:
-        files = {}
+        with staging.fail_if_a_worker_dies(path.name):
+            writer.from_indexed_dataset(dataset)
+    except BaseException:
+        _abandon_queues(sys.exc_info()[2])
+        shm = getattr(writer, "metadata_sm", None)  # FFCV unlinks its shared memory only on success
+        if shm is not None and not isinstance(shm, int):
+            shm.close()
+            shm.unlink()
+        raise
+
+
+def commit(out: Path, work: Path, jobs: dict, meta: dict, check=None) -> dict:
+    """Write each split's .beton ({split: (dataset, fields, workers, page_size)}) into `work` (the
+    conversion's temporary folder inside `out`), call `check(work)` (which raises to abort), then
+    move the files in and write meta.json (with the files' sizes and sha256) last. Returns the
+    files entry. Removing `work` (and `out` after a failure) is the caller's job (staging.Staging)."""
+    _quiet_tqdm()
+    files, replacing = {}, False
+    try:
         for split, (dataset, fields, workers, page_size) in jobs.items():
-            path = tmp / f"{split}.beton"
+            path = work / f"{split}.beton"
             if sys.stderr.isatty():
                 print(f"writing {path.name} ({len(dataset)} images)", file=sys.stderr, flush=True)
-            DatasetWriter(str(path), fields, page_size=page_size, num_workers=workers).from_indexed_dataset(dataset)
+            _write(path, dataset, fields, workers, page_size)
             files[path.name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         if check:
-            check(tmp)
+            check(work)
+        replacing = True
         (out / "meta.json").unlink(missing_ok=True)
         for name in files:
-            os.replace(tmp / name, out / name)
+            os.replace(work / name, out / name)
         write_json(out / "meta.json", {**meta, "files": files})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created:  # leave no trace of a conversion that never completed
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # a full disk, a directory made read-only meanwhile: one line, never a mix
+        state = (f"{out} holds no complete dataset now (no meta.json): fix it and rerun with --force" if replacing
+                 else "nothing was written: free space or choose another --out")
+        raise DataError(f"writing {out} failed ({e.strerror or e}); {state}") from None
     return files
 
 
 class _SourceSplit:
     """A split of a `Source` as FFCV's writer wants it. Never raises: FFCV's writer hangs forever when
-    a worker does, so a failure (a file changed since validation) is logged to `err_dir` and a
-    placeholder is written; `commit` then fails the whole conversion."""
+    a worker does, so a failure (a file changed since validation) is logged to `err_dir` (inside the
+    conversion's temporary folder) and a placeholder is written; `commit` then fails the conversion."""
 
     def __init__(self, samples: list, resize: Resize, err_dir: Path):
         self.samples, self.resize, self.err_dir = samples, resize, err_dir
@@ -113,24 +125,11 @@ def _page_size(max_bytes: int, total_bytes: int) -> int:
     return max(floor, 1 << int(2 * max_bytes + (1 << 16)).bit_length())
 
 
-def write_source(out: str | os.PathLike, source: Source, *, resize: Resize = Resize(), write_mode: str = "auto",
-                 jpeg_quality: int = 90, workers: int = 1, skip_bad: bool = False,
-                 allow_count_mismatch: bool = False, force: bool = False) -> dict | None:
-    """Validate and write `source` to `out` (train/test .beton + meta.json); None if already up to date.
-
-    write_mode 'auto' stores raw pixels when no stored image has a side over 64 (CIFAR,
-    TinyImageNet: bit-exact, nothing to decode), else 'smart': JPEG (quality `jpeg_quality`) for
-    images larger than 64x64, as ffcv-imagenet stores ImageNet.
-    Returns a summary: counts, skipped samples, bytes written, seconds."""
-    out, start = Path(out), time.perf_counter()
-    check_classes(source)
-    problems = check_counts(source, strict=not allow_count_mismatch)
-    conversion = {"max_side": resize.max_side, "resize": resize.policy, "size": resize.size,
-                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "skip_bad": skip_bad, "reader": source.params}
-    request = {"name": source.name, "classes": source.classes, "conversion": conversion,
-               "source": {"files": source.files, "listed": {s: len(v) for s, v in source.splits.items()}}}
-    if not force and up_to_date(out, request, keys=set(request)):
-        return None
+def _validate(source: Source, request: dict, resize: Resize, workers: int, skip_bad: bool, write_mode: str,
+              problems: list[str]) -> tuple[dict, dict]:
+    """Decode every sample (in `workers` processes): meta.json's entries, and per split the samples
+    to write with the size in bytes of its largest stored image. Undecodable images are an error
+    unless `skip_bad`."""
     checks = {s: validate(samples, workers, resize, stats=s == "train", label=f"validate {s}", split=s)
               for s, samples in source.splits.items()}
     bad = [(s, name, reason) for s, v in checks.items() for name, reason in v.bad]
@@ -154,20 +153,44 @@ def write_source(out: str | os.PathLike, source: Source, *, resize: Resize = Res
             "stats": "mean/std per RGB channel in [0,1] over every pixel of every stored training image",
             "write_mode": mode, "count_check": {"expected": source.expected, "problems": problems},
             "skipped": [{"split": s, "image": name, "reason": reason} for s, name, reason in bad]}
-    err_dir = Path(tempfile.mkdtemp(prefix=".prep-errors-"))
-    fields = _fields(mode, jpeg_quality, smart_threshold=64 * 64 * 3)
-    jobs = {s: (_SourceSplit(v, resize, err_dir), fields, workers,
-                _page_size(checks[s].max_bytes, checks[s].max_bytes * len(v))) for s, v in splits.items()}
+    return meta, {s: (v, checks[s].max_bytes) for s, v in splits.items()}
 
-    def check(_tmp):
-        errors = [line for p in sorted(err_dir.glob("*.txt")) for line in p.read_text().splitlines()]
-        if errors:
-            raise DataError(f"{len(errors)} image(s) failed while writing (changed since validation?): "
-                            f"{'; '.join(errors[:3])}; nothing written")
 
-    try:
-        files = commit(out, jobs, meta, check)
-    finally:
-        shutil.rmtree(err_dir, ignore_errors=True)
+def _raise_write_errors(err_dir: Path) -> None:
+    """Fail the conversion if a writer worker logged a sample it could not load (see _SourceSplit)."""
+    errors = [line for p in sorted(err_dir.glob("*.txt")) for line in p.read_text().splitlines()]
+    if errors:
+        raise DataError(f"{len(errors)} image(s) failed while writing (changed since validation?): "
+                        f"{'; '.join(errors[:3])}; nothing written")
+
+
+def write_source(out: str | os.PathLike, source: Source, *, resize: Resize = Resize(), write_mode: str = "auto",
+                 jpeg_quality: int = 90, workers: int = 1, skip_bad: bool = False,
+                 allow_count_mismatch: bool = False, force: bool = False) -> dict | None:
+    """Validate and write `source` to `out` (train/test .beton + meta.json); None if already up to date.
+
+    Refused (a one-line DataError, before any work) if `out` holds another conversion, an
+    unreadable meta.json or foreign files, unless `force` (see datasets_prep.outdir).
+    write_mode 'auto' stores raw pixels when no stored image has a side over 64 (CIFAR,
+    TinyImageNet: bit-exact, nothing to decode), else 'smart': JPEG (quality `jpeg_quality`) for
+    images larger than 64x64, as ffcv-imagenet stores ImageNet.
+    Returns a summary: counts, skipped samples, bytes written, seconds."""
+    out, start = Path(out), time.perf_counter()
+    check_classes(source)
+    problems = check_counts(source, strict=not allow_count_mismatch)
+    conversion = {"max_side": resize.max_side, "resize": resize.policy, "size": resize.size,
+                  "write_mode": write_mode, "jpeg_quality": jpeg_quality, "skip_bad": skip_bad, "reader": source.params}
+    request = {"name": source.name, "classes": source.classes, "conversion": conversion,
+               "source": {"files": source.files, "listed": {s: len(v) for s, v in source.splits.items()}}}
+    if outdir.inspect(out, request, force):
+        staging.remove_stale(out)  # e.g. left by a --force rerun that was killed
+        return None
+    # the lock is held (and workers die with this process) from validation to the last file moved in
+    with staging.Staging(out) as work, staging.children_die_with_me():
+        meta, splits = _validate(source, request, resize, workers, skip_bad, write_mode, problems)
+        fields = _fields(meta["write_mode"], jpeg_quality, smart_threshold=64 * 64 * 3)
+        jobs = {s: (_SourceSplit(v, resize, work.errors), fields, workers, _page_size(m, m * len(v)))
+                for s, (v, m) in splits.items()}
+        files = commit(out, work.path, jobs, meta, lambda _: _raise_write_errors(work.errors))
     return {"counts": meta["counts"], "skipped": meta["skipped"], "bytes": sum(f["bytes"] for f in files.values()),
-            "seconds": time.perf_counter() - start, "write_mode": mode}
+            "seconds": time.perf_counter() - start, "write_mode": meta["write_mode"]}

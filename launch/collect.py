@@ -10,19 +10,29 @@ manifests (launch/runs.py).
 The report is also written to DIR/results.md, with DIR/results.csv (both epochs) and one
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
 `--status` prints only each grid's run counts and its unfinished runs.
+
+Damaged inputs never hide the table. A summary.json or grid.json that cannot be read or lacks what
+a table needs is left out and listed, with its path and what is wrong, under "Unreadable files" at
+the end of the report (its run counts as `unknown` in the run lists); a file of the report that
+cannot be written (a read-only DIR) is skipped. Either way the command still prints the report and
+exits 0, with one `warning: ...` line on stderr for each kind of problem. Exit status 2 is for
+errors in the command itself (DIR is not a directory, an unknown --metric).
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import io
+import json
 import os
+import re
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cskd import rundir
-from cskd.errors import CskdError
+from cskd.errors import CskdError, RunDirError, one_line
 from cskd.fileio import write_text
 from cskd.metrics import METRIC_NAMES
 from cskd.plots import reliability_overlay
@@ -39,9 +49,54 @@ NOT_DONE = ("missing", "pending", "running", "failed", "cancelled", "unknown")
 COUNTED = ("done", "pending", "running", "failed", "cancelled", "missing")  # 'unknown' only when it occurs
 
 
+@dataclass
+class Unreadable:
+    """A summary.json or grid.json left out of the report, and why."""
+    path: Path
+    reason: str
+
+
+def read_results(root: str | Path) -> tuple[list[Summary], list[Unreadable]]:
+    """Every finished run (an atomically written summary.json) under `root`, and the summary.json
+    files that cannot be read or lack what the tables need."""
+    results, bad = [], []
+    for path in sorted(Path(root).rglob(rundir.SUMMARY)):
+        try:
+            results.append(_usable(read_summary(path)))
+        except CskdError as e:
+            bad.append(Unreadable(path, _reason(e, path)))
+    return results, bad
+
+
 def find_results(root: str | Path) -> list[Summary]:
-    """Every finished run (an atomically written summary.json) under `root`."""
-    return [read_summary(path) for path in sorted(Path(root).rglob(rundir.SUMMARY))]
+    """The readable summaries under `root` (`read_results` also says which were not)."""
+    return read_results(root)[0]
+
+
+def _usable(summary: Summary) -> Summary:
+    """`summary` if the report can use all of it (its data record and reliability bins), else a RunDirError."""
+    data = summary.raw.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise RunDirError(f"{summary.path}: 'data' is not a JSON object; delete it to re-run the run")
+    bins = summary.reliability
+    if bins is not None and not _valid_bins(bins):
+        raise RunDirError(f"{summary.path}: 'reliability' lacks equal-length lists edges/count/accuracy/confidence; "
+                          f"delete it to re-run the run")
+    return summary
+
+
+def _valid_bins(bins) -> bool:
+    if not isinstance(bins, dict) or not all(isinstance(bins.get(k), list) for k in
+                                             ("edges", "count", "accuracy", "confidence")):
+        return False
+    n = len(bins["count"])
+    numbers = all(isinstance(c, (int, float)) for c in bins["count"])
+    return numbers and len(bins["accuracy"]) == len(bins["confidence"]) == n and len(bins["edges"]) == n + 1
+
+
+def _reason(error: Exception, path: Path) -> str:
+    """The error's message without the path it starts with (the report shows the path already)."""
+    return str(error).removeprefix(str(path)).lstrip(" :")
 
 
 def _label_order(label: str) -> tuple:
@@ -117,19 +172,53 @@ def csv_text(rows: list[dict]) -> str:
     return out.getvalue()
 
 
-def find_grids(root: str | Path) -> list[tuple[str, Path, list[Path]]]:
-    """(name, grid root, run dirs) per grid.json under `root`; without any, the run dirs found on disk."""
-    grids = [(m.get("name", str(g)), g, [g / e["dir"] for e in m["runs"]])
-             for g, m in runs.read_manifests(Path(root))]
+def read_grids(root: str | Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Unreadable]]:
+    """(name, grid root, run dirs) per readable grid.json under `root` (without any: the run dirs found on
+    disk), and the grid.json files that cannot be read."""
+    grids, bad = [], []
+    for path in sorted(Path(root).rglob(runs.MANIFEST)):
+        try:
+            manifest = _read_manifest(path)
+        except (OSError, ValueError) as e:
+            bad.append(Unreadable(path, f"{e}; re-run the grid's launch command to write it again"))
+            continue
+        grids.append((str(manifest.get("name", path.parent)), path.parent,
+                      [path.parent / e["dir"] for e in manifest["runs"]]))
     if grids:
-        return grids
+        return grids, bad
     dirs = sorted({p.parent for name in (rundir.CONFIG, rundir.SUMMARY) for p in Path(root).rglob(name)})
-    return [("(no grid.json; run dirs on disk)", Path(root), dirs)] if dirs else []
+    return ([("(no grid.json; run dirs on disk)", Path(root), dirs)] if dirs else []), bad
 
 
-def run_statuses(grids: list[tuple[str, Path, list[Path]]]) -> dict[Path, RunStatus]:
-    """launch.runs' status of every run dir of `grids` (one Slurm query for all)."""
-    return runs.statuses(list(dict.fromkeys(d for _, _, ds in grids for d in ds)))
+def _read_manifest(path: Path) -> dict:
+    """A grid.json as launch/runs.py writes it, or a ValueError saying what is wrong with it."""
+    try:
+        manifest = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"is not valid JSON ({e})") from None
+    entries = manifest.get("runs") if isinstance(manifest, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("dir"), str)
+                                                for e in entries):
+        raise ValueError("is not a grid manifest (an object with 'runs', each with a 'dir')")
+    return manifest
+
+
+def find_grids(root: str | Path) -> list[tuple[str, Path, list[Path]]]:
+    """(name, grid root, run dirs) per readable grid.json under `root`; without any, the run dirs found on disk."""
+    return read_grids(root)[0]
+
+
+def run_statuses(grids: list[tuple[str, Path, list[Path]]], unreadable: list[Unreadable] = ()
+                 ) -> dict[Path, RunStatus]:
+    """launch.runs' status of every run dir of `grids` (one Slurm query for all); a run whose
+    summary.json is unreadable is `unknown`, not done."""
+    states = runs.statuses(list(dict.fromkeys(d for _, _, ds in grids for d in ds)))
+    for bad in unreadable:
+        if bad.path.name == rundir.SUMMARY and bad.path.parent in states:
+            states[bad.path.parent] = RunStatus("unknown", f"{rundir.SUMMARY} is unreadable: {bad.reason}")
+    return states
 
 
 def _run_line(root: Path, run_dir: Path, status: RunStatus) -> str:
@@ -179,42 +268,100 @@ def write_reliability(root: str | Path, results: list[Summary]) -> list[Path]:
             ece = statistics.fmean(s.final["ece"] for s in summaries)
             curves[f"{label} (mean ECE {ece:.2f}%, n={len(summaries)})"] = pooled_bins(
                 [s.reliability for s in summaries])
-        path = Path(root) / f"reliability_{dataset}_{model}.png"
+        path = Path(root) / f"reliability_{_file_part(dataset)}_{_file_part(model)}.png"
         reliability_overlay(curves, path, f"{dataset} / {model}, final epoch, seeds pooled")
         paths.append(path)
     return paths
 
 
+def _file_part(name: str) -> str:
+    """A summary's dataset or model name as part of a file name: a '/' or '..' in it must not lead elsewhere."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name).replace("..", "_") or "_"
+
+
+@dataclass
+class Report:
+    """A report's text (what results.md holds), the files it was written to and the inputs it left out."""
+    text: str
+    written: list[Path] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+
+
 def report(root: str | Path, metric: str = "top1_err", epoch: str = "final", out_stem: str = "results") -> str:
     """Print-ready tables and not-done runs of `root`; also writes root/<stem>.md, root/<stem>.csv and the PNGs."""
+    return make_report(root, metric, epoch, out_stem).text
+
+
+def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final", out_stem: str = "results"
+                ) -> Report:
+    """`report`, also saying which files were written. Unreadable inputs are listed in the text and
+    files that cannot be written are skipped, each kind with one `warning:` line on stderr."""
     root = Path(root)
-    results, grids = find_results(root), find_grids(root)
-    if not results and not grids:
-        return f"no runs (summary.json, config.yaml or grid.json) under {root}\n"
+    (results, bad_summaries), (grids, bad_grids) = read_results(root), read_grids(root)
+    unreadable = bad_summaries + bad_grids
+    if not results and not grids and not unreadable:
+        return Report(f"no runs (summary.json, config.yaml or grid.json) under {root}\n")
     rows = aggregate(results, metric)
     tables = (markdown_tables(rows, epoch) + "\n" + footnote(results) if results
               else f"no finished runs (summary.json) under {root}\n")
-    text = "\n".join(t for t in (tables, not_done_text(root, run_statuses(grids))) if t)
-    write_text(root / f"{out_stem}.md", text)
-    write_text(root / f"{out_stem}.csv", csv_text(rows))
-    write_reliability(root, results)
-    return text
+    parts = (tables, not_done_text(root, run_statuses(grids, unreadable)), unreadable_text(root, unreadable))
+    text = "\n".join(t for t in parts if t)
+    if unreadable:
+        _warn(f"{len(unreadable)} summary.json/grid.json file(s) under {root} could not be read; they are listed "
+              f"under 'Unreadable files' in the report")
+    return Report(text, _write_files(root, out_stem, text, rows, results), unreadable)
+
+
+def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
+    if not unreadable:
+        return ""
+    lines = [f"**Unreadable files** ({len(unreadable)}), left out of the tables above:"]
+    lines += [f"- `{one_line(os.path.relpath(u.path, root))}`: {one_line(u.reason)}" for u in unreadable]
+    return "\n".join(lines) + "\n"
+
+
+def _write_files(root: Path, out_stem: str, text: str, rows: list[dict], results: list[Summary]) -> list[Path]:
+    """Write the report's files; those that cannot be written (a read-only root) are named in one warning."""
+    written, failed = [], []
+    for path, write in ((root / f"{out_stem}.md", lambda p: write_text(p, text)),
+                        (root / f"{out_stem}.csv", lambda p: write_text(p, csv_text(rows)))):
+        try:
+            write(path)
+            written.append(path)
+        except OSError as e:
+            failed.append((path, e))
+    try:
+        written += write_reliability(root, results)
+    except OSError as e:
+        failed.append((Path(e.filename or root / "reliability_*.png"), e))
+    except ValueError as e:  # seeds with different numbers of bins (ece_bins) cannot be pooled into one curve
+        failed.append((root / "reliability_*.png", e))
+    if failed:
+        why = getattr(failed[0][1], "strerror", None) or failed[0][1]
+        _warn(f"could not write {', '.join(str(p) for p, _ in failed)} ({why}); the report is printed only")
+    return written
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
 
 
 def status_text(root: str | Path) -> str:
     """Per grid under `root`: how many runs are in each state, then the runs that are not done."""
     root = Path(root)
-    grids = find_grids(root)
-    if not grids:
+    (grids, bad_grids), (_, bad_summaries) = read_grids(root), read_results(root)
+    unreadable = bad_summaries + bad_grids
+    if not grids and not unreadable:
         return f"no grid.json and no run dirs under {root}\n"
-    states = run_statuses(grids)
+    states = run_statuses(grids, unreadable)
     lines = []
     for name, grid_root, dirs in grids:
         counts = {s: sum(states[d].state == s for d in dirs) for s in runs.STATES}
         shown = COUNTED + (("unknown",) if counts["unknown"] else ())
         lines.append(f"{name} ({os.path.relpath(grid_root, root)}): "
                      + ", ".join(f"{s} {counts[s]}" for s in shown) + f" — total {len(dirs)}")
-    return "\n".join(lines) + "\n\n" + not_done_text(root, states)
+    return "\n".join(lines) + "\n\n" + "\n".join(t for t in (not_done_text(root, states),
+                                                             unreadable_text(root, unreadable)) if t)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,10 @@ Slurm resources. Every run gets an identity (a hash of its resolved config) and 
 `<out>/<dataset>/<model>/<method>[-<hparams>]/seed<k>/`. Re-running the same command skips runs that
 are done or whose recorded job is still pending/running, and submits the rest; runs resume from
 their checkpoint however they were stopped.
+
+Everything is checked before anything is written or submitted: every run dir must be a distinct
+directory under the output root (two runs that would share one are refused, naming both), and no
+name that ends up in a path or an sbatch script may hold a control character.
 """
 from __future__ import annotations
 
@@ -23,10 +27,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cskd import rundir
-from cskd.config import Config, identity_dict, nest, read_yaml, resolve, to_dict
+from cskd.config import (
+    INT64,
+    Config,
+    identity_dict,
+    nest,
+    read_yaml,
+    resolve,
+    to_dict,
+    unprintable,
+)
 from cskd.errors import ConfigError, CskdError, DataError
 from launch import runs, slurm, submit
-from launch.collect import report
+from launch.collect import make_report
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_GRID = REPO / "grids" / "demo.yaml"
@@ -85,27 +98,68 @@ def _check_layout_keys(keys, where: str) -> None:
 
 def load_grid(grid_path: Path) -> dict:
     grid = read_yaml(grid_path, "grid")
+    where = f"grid {grid_path}"
     unknown = set(grid) - GRID_KEYS
     if unknown:
-        raise ConfigError(f"grid {grid_path}: unknown key(s) {', '.join(sorted(unknown))}; valid: "
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; valid: "
                           f"{', '.join(sorted(GRID_KEYS))}")
     for key in ("axes", "overrides"):
-        if not isinstance(grid.get(key) or {}, dict):
-            raise ConfigError(f"grid {grid_path}: '{key}' must map dotted config keys to values")
-        _check_layout_keys(grid.get(key) or {}, f"grid {grid_path}: '{key}'")
+        if not isinstance(grid.get(key) if grid.get(key) is not None else {}, dict):
+            raise ConfigError(f"{where}: '{key}' must map dotted config keys to values, e.g. {key}: {{lr: ...}}, "
+                              f"not a {type(grid[key]).__name__}")
+        _check_layout_keys(grid.get(key) or {}, f"{where}: '{key}'")
     for key, values in (grid.get("axes") or {}).items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"grid {grid_path}: axis '{key}' must be a non-empty list, got {values!r}")
-    seeds = grid.get("seeds", [0])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"grid {grid_path}: 'seeds' must be a non-empty list of integers")
+            raise ConfigError(f"{where}: axis '{key}' must be a non-empty list, got {values!r}")
+        _check_distinct(values, f"{where}: axis '{key}'")
+    _check_seeds(grid.get("seeds", [0]), where)
     if not isinstance(grid.get("rules") or [], list):
-        raise ConfigError(f"grid {grid_path}: 'rules' must be a list of {{if: {{...}}, set: {{...}}}}")
+        raise ConfigError(f"{where}: 'rules' must be a list of {{if: {{...}}, set: {{...}}}}")
+    if not isinstance(grid.get("resources") or {}, dict):
+        raise ConfigError(f"{where}: 'resources' must map resource names to values, e.g. resources: {{nodes: 1}}")
+    if not isinstance(grid.get("base", ""), str):
+        raise ConfigError(f"{where}: 'base' must be the path of a config YAML, got {grid['base']!r}")
+    _grid_name(grid, grid_path)
     return grid
 
 
+def _check_seeds(seeds, where: str) -> None:
+    """Seeds are distinct ints in 0 .. 2**63 - 1 (YAML's `true` is not a seed, nor is a value torch cannot take)."""
+    if not isinstance(seeds, list) or not seeds or not all(
+            type(s) is int and 0 <= s < INT64[1] for s in seeds):
+        raise ConfigError(f"{where}: 'seeds' must be a non-empty list of integers from 0 to 2**63 - 1, "
+                          f"got {seeds!r}")
+    _check_distinct(seeds, f"{where}: 'seeds'")
+
+
+def _check_distinct(values: list, what: str) -> None:
+    """A value listed twice would give two runs of one config, in one run dir."""
+    for i, value in enumerate(values):
+        if any(v == value and isinstance(v, bool) == isinstance(value, bool) for v in values[:i]):  # 1 is not true
+            raise ConfigError(f"{what} lists {value!r} twice; each value is one run: remove the duplicate")
+
+
+def _grid_name(grid: dict, grid_path: Path) -> str:
+    """The grid's name (default: the file's stem), which names the default output root and the Slurm jobs."""
+    name = grid.get("name", grid_path.stem)
+    if isinstance(name, bool) or not isinstance(name, (str, int)):
+        raise ConfigError(f"grid {grid_path}: 'name' must be a plain name, got {name!r}")
+    return _plain_name(str(name), f"grid {grid_path}: 'name'", "e.g. name: cifar_lambda_sweep")
+
+
+def _plain_name(text: str, what: str, example: str) -> str:
+    """`text` as one path component: not empty, '.' or '..', no '/' and no control character."""
+    bad = unprintable(text)
+    if bad is not None:
+        raise ConfigError(f"{what} {text!r} holds the control character {bad!r}; remove it ({example})")
+    if text.strip() in ("", ".", "..") or "/" in text:
+        raise ConfigError(f"{what} {text!r} is not a plain name (it must not be empty, '.' or '..', nor hold a "
+                          f"'/'): it names a directory under the output root ({example})")
+    return text
+
+
 def grid_name(grid_path: Path) -> str:
-    return str(load_grid(grid_path).get("name", grid_path.stem))
+    return _grid_name(load_grid(grid_path), grid_path)
 
 
 def _base_path(grid_path: Path, base: str | None) -> Path | None:
@@ -120,15 +174,16 @@ def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
     """The output root and the runs of a grid YAML, each with a resolved config and its run dir set.
 
     A run's config is built from nested dicts, defaults <- base YAML <- overrides <- axes <- rules
-    <- seed; rules are matched against the config the other layers give."""
+    <- seed; rules are matched against the config the other layers give. Every run dir is a
+    distinct directory under the root, or the grid is refused."""
     grid = load_grid(grid_path)
     where = f"grid {grid_path}"
     base_path = _base_path(grid_path, grid.get("base"))
     base = [(read_yaml(base_path), f"config file {base_path}")] if base_path else []
     fixed = [(nest(grid.get("overrides") or {}), f"{where} overrides")]
     axes = grid.get("axes") or {}
-    out = Path(out or REPO / "runs" / grid_name(grid_path)).absolute()  # jobs may start in another directory
-    result = []
+    out = _output_root(Path(out or REPO / "runs" / _grid_name(grid, grid_path)))
+    result, values_of = [], {}
     for values in itertools.product(*axes.values()):
         combo = dict(zip(axes, values))
         layers = base + fixed + [(nest(combo), f"{where} axes")]
@@ -138,10 +193,53 @@ def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
             ruled = _matching_rules(grid.get("rules") or [], cfg, where)
             cfg = resolve(layers + ruled + seeded) if ruled else cfg  # no rule: the same layers, resolved
             cfg.label = _label(cfg.method, combo)
-            cfg.out_dir = str(out / Path(cfg.data.path).name / cfg.model / cfg.label / f"seed{seed}")
+            cfg.out_dir = str(_run_dir(out, cfg, seed, where))
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]
-            result.append(Run(cfg, digest))
+            run = Run(cfg, digest)
+            _check_own_dir(run, {**combo, "data.path": cfg.data.path, "seed": seed}, values_of, where)
+            result.append(run)
     return out, result
+
+
+def _output_root(out: Path) -> Path:
+    out = out.absolute()  # jobs may start in another directory
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory (it is created if missing)")
+    bad = unprintable(str(out))
+    if bad is not None:
+        raise ConfigError(f"--out {str(out)!r} holds the control character {bad!r}; remove it")
+    return out
+
+
+def _run_dir(out: Path, cfg: Config, seed: int, where: str) -> Path:
+    """<out>/<dataset folder>/<model>/<label>/seed<k>, each a plain name: a run dir never leaves `out`."""
+    dataset = _plain_name(Path(cfg.data.path).name, f"{where}: the folder name of data.path {cfg.data.path!r},",
+                          "give the dataset's own directory, e.g. data/mnist5k")
+    label = _plain_name(cfg.label, f"{where}: the run label built from its axes' values,",
+                        "use axis values without '/', e.g. numbers")
+    run_dir = out / dataset / cfg.model / label / f"seed{seed}"
+    if os.path.commonpath([out, os.path.normpath(run_dir)]) != str(out):  # the names above already ensure it
+        raise ConfigError(f"{where}: the run dir {run_dir} would lie outside the output root {out}")
+    return run_dir
+
+
+def _check_own_dir(run: Run, values: dict, values_of: dict, where: str) -> None:
+    """Refuse a run whose run dir an earlier run of the grid already has; name both and the dir."""
+    other = values_of.setdefault(run.out_dir, values)
+    if other is values:
+        return
+    differ = [k for k in dict.fromkeys([*other, *values]) if other.get(k) != values.get(k)]
+    if not differ:
+        raise ConfigError(f"{where}: the run {_show(values)} is listed twice (run dir {run.out_dir}); remove the "
+                          f"duplicate value")
+    raise ConfigError(f"{where}: the runs {_show(other, differ)} and {_show(values, differ)} would share the run dir "
+                      f"{run.out_dir} (named <data.path folder>/<model>/<label>/seed<k>); give the datasets "
+                      f"distinct folder names or the values distinct spellings, or run them as separate grids "
+                      f"with their own --out")
+
+
+def _show(values: dict, keys=None) -> str:
+    return "{" + ", ".join(f"{k}={values[k]!r}" for k in (keys or values) if k in values) + "}"
 
 
 def resources_of(grid_path: Path, args: argparse.Namespace) -> slurm.Resources:
@@ -188,7 +286,9 @@ def plan(all_runs: list[Run], force: bool) -> tuple[list[Run], list[str]]:
     for run in all_runs:
         s = status[run.out_dir]
         busy = s.state in ("pending", "running")
-        if force or not (busy or s.state == "done"):
+        if force and s.detail.startswith(runs.LOCKED):  # --force never deletes files under a live trainer
+            print(f"skip   {run.run_id} {run.out_dir} ({s.detail}; stop it first to redo it)")
+        elif force or not (busy or s.state == "done"):
             todo.append(run)
             if busy and s.job_id:
                 replaced.append(s.job_id)
@@ -223,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.parallel < 1:  # run_local would wait forever for a free slot
+            raise ConfigError(f"--parallel must be >= 1 (local runs at a time), got {args.parallel}")
         root, all_runs = expand(args.grid, args.out)
         resources = resources_of(args.grid, args)
         on_slurm = resources.partition is not None and not args.local
@@ -302,8 +404,11 @@ def _finish(root: Path, wait: bool, all_runs: list[Run]) -> int:
     """Wait for Slurm jobs (if asked), print the table and every run that did not finish."""
     status = submit.wait([r.out_dir for r in all_runs]) if wait else runs.statuses([r.out_dir for r in all_runs])
     print()
-    print(report(root), end="")
-    print(f"written: {root / 'results.md'}, {root / 'results.csv'}")
+    result = make_report(root)  # files it cannot write are one warning line: the table is printed anyway
+    print(result.text, end="")
+    tables = [str(p) for p in result.written if p.suffix != ".png"]
+    if tables:
+        print(f"written: {', '.join(tables)}")
     bad = [(d, s) for d, s in status.items() if s.state != "done"]
     for d, s in bad:
         print(f"{s.state}: {d}: {s.detail}" + (f" (log: {s.log})" if s.log else ""), file=sys.stderr)

@@ -4,8 +4,10 @@ The launcher leaves two kinds of record, both written atomically:
 - `<root>/grid.json`, the manifest: the grid's name and every run it expands to (run id, run dir
   relative to the root, dataset, model, method label, seed), so a run that never started is
   reported as missing rather than silently absent from the table;
-- `<run dir>/job.json`: who runs it (`slurm` with the job id, or `local` with the launcher's pid)
-  and where its log is. A finished run is one with a `summary.json`, whatever the record says.
+- `<run dir>/job.json`: who runs it (`slurm` with the job id, or `local` with the launcher's and the
+  job's pids) and where its log is. A finished run is one with a readable `summary.json`, whatever the record
+  says; a run whose dir a live trainer has locked (`cskd.rundir.run_dir_lock`) is running, whatever
+  the record says, so no launcher ever starts a second writer of it.
 """
 from __future__ import annotations
 
@@ -17,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cskd import rundir
+from cskd.errors import RunDirError
 from cskd.fileio import write_json
+from cskd.lock import describe
 from launch import slurm
 
 MANIFEST = "grid.json"
+LOCKED = "locked by"  # how a run held by a live trainer is described
 STATES = ("done", "running", "pending", "failed", "cancelled", "missing", "unknown")
 
 
@@ -34,11 +39,6 @@ class RunStatus:
 
 def write_manifest(root: Path, name: str, entries: list[dict]) -> None:
     write_json(root / MANIFEST, {"name": name, "runs": entries})
-
-
-def read_manifests(root: Path) -> list[tuple[Path, dict]]:
-    """(grid root, manifest) for every grid under `root` (`root` itself included)."""
-    return [(p.parent, json.loads(p.read_text())) for p in sorted(Path(root).rglob(MANIFEST))]
 
 
 def write_job_record(run_dir: Path, scheduler: str, job_id: str, log: str | None, **extra) -> None:
@@ -88,6 +88,15 @@ def _from_slurm(record: dict, state: str | None) -> RunStatus:
     return RunStatus("failed", f"{state}" + (f": {why}" if why else ""), log, job_id)
 
 
+def _finished(run_dir: Path) -> RunStatus:
+    """done, or failed if its summary.json cannot be read (`cskd.rundir.read_summary` says why)."""
+    try:
+        rundir.read_summary(run_dir)
+        return RunStatus("done")
+    except RunDirError as e:
+        return RunStatus("failed", str(e))
+
+
 def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
     """The status of each run dir; asks Slurm (one squeue + one sacct) only about unfinished Slurm runs."""
     records = {d: read_job_record(d) for d in run_dirs if not (d / rundir.SUMMARY).exists()}
@@ -99,8 +108,12 @@ def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
     result = {}
     for d in run_dirs:
         record = records.get(d)
+        holder = rundir.lock_holder(d) if d in records else None
         if (d / rundir.SUMMARY).exists():
-            result[d] = RunStatus("done")
+            result[d] = _finished(d)
+        elif holder is not None:  # a live trainer holds it, whatever launched it: never start a second one
+            result[d] = RunStatus("running", f"{LOCKED} {describe(holder)}", (record or {}).get("log"),
+                                  holder.get("job_id") or (record or {}).get("job_id"))
         elif record is None and (d / rundir.CONFIG).exists():  # started by hand or by an older launcher
             result[d] = RunStatus("unknown", "started (config.yaml) but no summary.json and no job.json")
         elif record is None:
@@ -110,8 +123,10 @@ def statuses(run_dirs: list[Path]) -> dict[Path, RunStatus]:
                          else _from_slurm(record, states.get(record["job_id"])))
         elif record.get("state") == "FAILED":
             result[d] = RunStatus("failed", record.get("reason", ""), record.get("log"))
-        elif _pid_alive(int(record.get("pid", -1))):
-            result[d] = RunStatus("running", f"local, launcher pid {record['pid']}", record.get("log"))
+        elif any(_pid_alive(int(record.get(key) or -1)) for key in ("pid", "job_pid")):
+            # the job itself may outlive a killed launcher, and holds no lock yet while it starts
+            result[d] = RunStatus("running", f"local, launcher pid {record['pid']}, job pid "
+                                  f"{record.get('job_pid', '?')}", record.get("log"))
         else:
             result[d] = RunStatus("failed", f"the local launcher (pid {record.get('pid')}) stopped before the "
                                   f"run finished", record.get("log"))

@@ -7,17 +7,20 @@ row) and from `sacct` (accounting) for finished ones.
 """
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
 
+from cskd.config import unprintable
 from cskd.errors import CskdError
 
 # States in which a job still holds or will get resources: its run must not be submitted again.
 ACTIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "SUSPENDED", "RESIZING", "SIGNALING", "STAGE_OUT", "RESV_DEL_HOLD", "STOPPED"}
 COMMAND_TIMEOUT_S = 60
+SBATCH_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_-]*")  # what `--<name>` may be: one sbatch flag, nothing more
 
 
 class SlurmError(CskdError):
@@ -166,7 +169,7 @@ def make_resources(section: dict, source: str) -> Resources:
     valid = {f for f in Resources.__dataclass_fields__}
     unknown = set(section) - valid
     if unknown:
-        raise SlurmError(f"{source}: unknown resources key(s) {', '.join(sorted(unknown))}; valid: "
+        raise SlurmError(f"{source}: unknown resources key(s) {', '.join(sorted(map(str, unknown)))}; valid: "
                          f"{', '.join(sorted(valid))} (other sbatch flags go under resources.sbatch)")
     values = {k: v for k, v in section.items() if v is not None}
     for key in ("nodes", "array_parallelism"):
@@ -175,13 +178,43 @@ def make_resources(section: dict, source: str) -> Resources:
         _check_int(values, key, source, minimum=0)
     for key in ("tasks_per_node", "cpus_per_task"):
         _check_int(values, key, source, minimum=1)
-    if "mem_gb" in values and (not isinstance(values["mem_gb"], (int, float)) or values["mem_gb"] <= 0):
+    if "mem_gb" in values and (not isinstance(values["mem_gb"], (int, float)) or isinstance(values["mem_gb"], bool)
+                               or not 0 < values["mem_gb"] < math.inf):  # NaN fails this too
         raise SlurmError(f"{source}: resources.mem_gb must be a positive number, got {values['mem_gb']!r}")
     if "time_min" in values:
         values["time_min"] = parse_time_min(values["time_min"])
     if not isinstance(values.get("sbatch", {}), dict):
         raise SlurmError(f"{source}: resources.sbatch must map sbatch flag names to values, e.g. {{account: abc}}")
+    if "partition" in values:
+        _check_text("partition", values["partition"], source)
+    for name, value in values.get("sbatch", {}).items():
+        _check_sbatch(name, value, source)
     return Resources(**values)
+
+
+def _check_text(key: str, value, source: str) -> None:
+    """A value written into the job's sbatch script: one line of printable text (a newline would start a
+    directive of its own)."""
+    if not isinstance(value, str) or not value.strip():
+        raise SlurmError(f"{source}: resources.{key} must be a non-empty name, got {value!r}")
+    bad = unprintable(value)
+    if bad is not None:
+        raise SlurmError(f"{source}: resources.{key} {value!r} holds the control character {bad!r}; remove it")
+
+
+def _check_sbatch(name, value, source: str) -> None:
+    """An extra sbatch flag: a plain flag name (no dashes in front) and a scalar value on one line."""
+    if not isinstance(name, str) or not SBATCH_NAME.fullmatch(name):
+        raise SlurmError(f"{source}: sbatch flag name {name!r} is not a plain flag name (letters, digits, '-', "
+                         f"'_'); write it without dashes, e.g. account=abc")
+    if isinstance(value, (bool, int, float)):
+        return
+    if not isinstance(value, str):
+        raise SlurmError(f"{source}: sbatch flag {name} must have a single value, got {value!r}")
+    bad = unprintable(value)
+    if bad is not None:
+        raise SlurmError(f"{source}: sbatch flag {name}={value!r} holds the control character {bad!r}; remove it "
+                         f"(a newline would add sbatch directives of its own)")
 
 
 def _check_int(values: dict, key: str, source: str, minimum: int) -> None:

@@ -98,7 +98,8 @@ def run_local(todo: list, parallel: int, log_root: Path) -> None:
             while waiting and len(running) < parallel:
                 run = waiting.pop(0)
                 job = executor.submit(TrainJob(to_dict(run.config)))
-                runs.write_job_record(run.out_dir, "local", job.job_id, str(job.paths.stderr), pid=os.getpid())
+                runs.write_job_record(run.out_dir, "local", job.job_id, str(job.paths.stderr), pid=os.getpid(),
+                                      job_pid=job._process.pid)  # submitit keeps the Popen private
                 running.append((run, job))
             time.sleep(0.5)
             for run, job in [r for r in running if r[1].done()]:

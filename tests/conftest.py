@@ -44,3 +44,26 @@ def train_args(mnist_dir: Path, out_dir: Path, *overrides: str) -> list[str]:
     """A fast CPU config on mnist5k: small_cnn, 1 epoch, one thread."""
     return ["-m", "cskd.train", "--config", str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
             f"data.path={mnist_dir}", f"out_dir={out_dir}", "epochs=1", "threads=1", *overrides]
+
+
+def file_tree(*roots: Path) -> dict:
+    """Every file under `roots` with its size and mtime: compare before and after to prove nothing was written."""
+    tree = {}
+    for root in roots:
+        for p in sorted(Path(root).rglob("*")) if Path(root).exists() else ():
+            if p.is_file():
+                st = p.stat()
+                tree[str(p)] = (st.st_size, st.st_mtime_ns)
+    return tree
+
+
+def assert_refused(res, fragment: str, before: dict | None = None, *roots: Path) -> None:
+    """A user error handled as promised: exit status 2, exactly one stderr line `error: ...` that
+    contains `fragment`, no traceback, and (given `before` = file_tree(*roots)) no file written."""
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2, f"exit {res.returncode}, stderr: {res.stderr[-2000:]}"
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr[-2000:]
+    assert fragment in lines[0], f"{fragment!r} not in {lines[0]!r}"
+    if before is not None:
+        assert file_tree(*roots) == before, "files were written or changed"

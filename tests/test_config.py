@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from cskd.config import diff_keys, dump_yaml, from_dict, identity_dict, load_config, nest, resolve, to_dict
@@ -97,3 +99,66 @@ def test_layers_of_nested_dicts_keep_their_values_and_name_their_source():
 def test_label_is_a_runtime_key():
     a, b = load_config(None, ["label=cskd-lam3"]), load_config(None, [])
     assert a.label == "cskd-lam3" and identity_dict(a) == identity_dict(b)
+
+
+def test_one_yaml_reader_refuses_duplicate_keys_and_bad_files(tmp_path):
+    """read_yaml serves config files, grids and overrides: a key given twice at any depth is refused
+    (PyYAML alone keeps the last), YAML's merge key may still be overridden, every bad file is one line."""
+    from cskd.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("base: &b {lr: 0.1, epochs: 3}\nrun:\n  <<: *b\n  lr: 0.2\n")
+    assert read_yaml(path)["run"] == {"lr": 0.2, "epochs": 3}
+    path.write_text("data:\n  path: a\ncskd:\n  lam: 1\n  lam: 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml is not valid YAML: key 'lam' is given twice \(lines 4 and 5"):
+        read_yaml(path)
+    path.write_bytes("\ufeffepochs: 3\n".encode())  # a byte-order mark is not content
+    assert read_yaml(path) == {"epochs": 3}
+    path.write_bytes(b"epochs: 3\n\x00\xff")
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte 0xff at offset 11\)"):
+        read_yaml(path)
+    with pytest.raises(ConfigError, match=r"grid .* is a directory; give the path of a YAML file"):
+        read_yaml(tmp_path, "grid")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # reading it would block forever
+    with pytest.raises(ConfigError, match=r"fifo.yaml is not a regular file"):
+        read_yaml(fifo)
+    with pytest.raises(ConfigError, match=r"override 'cskd=\{lam: 1, lam: 2\}' is not valid YAML: key 'lam'"):
+        load_config(None, ["cskd={lam: 1, lam: 2}"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lr=.nan", r"'lr' must be a finite number, got nan"),
+    ("lr=nan", r"'lr' must be a finite number, got nan"),  # a YAML string, read as float
+    ("weight_decay=-.inf", r"'weight_decay' must be a finite number, got -inf"),
+    ("lr=1.0e400", r"'lr' must be a finite number, got inf"),
+    (f"lr={10**400}", r"'lr' must be a finite number, got inf"),
+    ("cskd.lam=.inf", r"'cskd.lam' must be a finite number, got inf from the 'cskd' section"),
+    ("seed=-1", r"'seed' must be >= 0 and < 2\*\*63, got -1"),
+    (f"seed={2**63}", r"'seed' must fit a 64-bit integer"),
+    (f"epochs={-2**63 - 1}", r"'epochs' must fit a 64-bit integer"),
+    ("threads=1025", r"'threads' must be <= 1024"),
+    ("out_dir=", r"'out_dir' is empty"),
+    ("data.path=''", r"'data.path' is empty"),
+    ('out_dir="runs/a\\tb"', r"'out_dir' holds the control character '\\t'"),
+    ('data.path="data/x\\0"', r"'data.path' holds the control character '\\x00'"),
+    ('label="a\\u2028b"', r"'label' holds the control character '\\u2028'"),  # a Unicode line separator
+])
+def test_values_torch_or_paths_cannot_take(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, ["method=cskd", override])
+
+
+def test_edge_values_that_are_fine():
+    cfg = load_config(None, [f"seed={2**63 - 1}", "threads=1024", "out_dir=runs/é x", "label=cskd-lam3"])
+    assert (cfg.seed, cfg.out_dir) == (2**63 - 1, "runs/é x")
+
+
+def test_errors_quoting_user_input_stay_one_line(tmp_path):
+    """The command lines print `error: <message>` as one line: newlines in what a message quotes are escaped."""
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["epochz=|\n  x"])
+    assert str(error.value).startswith("unknown config key 'epochz' from override 'epochz=|\\n  x'")
+    odd = tmp_path / "a\nb.yaml"
+    with pytest.raises(ConfigError, match=r"config file .*a\\nb.yaml does not exist$"):
+        load_config(str(odd))

@@ -77,7 +77,8 @@ def test_bad_inputs_are_one_line_errors(ddp_cskd_run, mnist_dir, tmp_path, capsy
     meta = json.loads((renamed / "meta.json").read_text())
     (renamed / "meta.json").write_text(json.dumps({**meta, "classes": ["zero", *meta["classes"][1:]]}))
     assert "names class 0 'zero', the run's training set '0'" in error(run_dir, "--data", renamed)
-    (renamed / "meta.json").write_text(json.dumps({**meta, "num_classes": 11}))
+    eleven = {**meta, "num_classes": 11, "classes": [*meta["classes"], "ten"]}  # consistent, but not the run's
+    (renamed / "meta.json").write_text(json.dumps(eleven))
     assert "has 11 classes but the model has 10 outputs" in error(run_dir, "--data", renamed)
 
     copy = tmp_path / "copy"
