@@ -143,7 +143,9 @@ class EvalLoader:
         _, FixedOrder = _make_orders()
         ids = eval_ids(spec.dataset, split, shard)
         decoder, cropped = _image_decoder(spec.dataset, split, spec.pipeline, train=False)
-        self.loader = _loader(spec, split, spec.eval_batch, _order_factory(FixedOrder, ids=ids), decoder)
+        # FFCV allocates its buffers for a whole batch: never more than this rank's block
+        batch = min(spec.eval_batch, max(len(ids), 1))
+        self.loader = _loader(spec, split, batch, _order_factory(FixedOrder, ids=ids), decoder)
         self.transform = Transform(spec.pipeline, spec.dataset.meta, spec.device, spec.channels_last,
                                    decoded_crop=cropped)
 

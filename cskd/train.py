@@ -281,6 +281,15 @@ def main(cfg: Config, force: bool = False) -> dict | None:
         return _run(cfg, env, force)
 
 
+def _check_batch_size(cfg: Config, dataset: DatasetInfo) -> None:
+    """A global batch larger than the training split is one step over every sample, with buffers
+    (and memory) for all the samples it does not have: a typo, refused before the run dir is written."""
+    n = len(dataset.labels["train"])
+    if cfg.batch_size > n:
+        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {n} training samples of "
+                          f"{dataset.path}; use at most {n}")
+
+
 def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
     if cfg.sync_bn and env.device.type != "cuda":
         raise ConfigError("sync_bn=true needs CUDA (SyncBatchNorm has no CPU kernels); set sync_bn=false")
@@ -292,6 +301,7 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
         # First of all, before the slow dataset checks: a second writer of this run dir stops here.
         _main_rank_decides(env, lock_run_dir)
         dataset = open_dataset(cfg.data.path)
+        _check_batch_size(cfg, dataset)
         D.check_identical((cfg.seed, len(dataset.labels["train"])), "(seed, training-set size)")
         status = _main_rank_decides(env, lambda: rundir.prepare(cfg, force))
         if status == "complete":

@@ -76,6 +76,10 @@ def test_eval_loader_covers_each_sample_once(mnist_dir):
     loaders = [EvalLoader(spec, shard=Shard(r, 3)) for r in range(3)]
     parts = [torch.cat([idx for _, _, idx in loader]) for loader in loaders]
     assert sorted(torch.cat(parts).tolist()) == list(range(1000))
+    # A batch far beyond the split (FFCV would allocate ~12 TB for it) is one batch of the rank's block.
+    huge = LoaderSpec(dataset=info, batch_per_rank=64, eval_batch=10**9, pipeline="none")
+    batches = list(EvalLoader(huge, shard=Shard(1, 3)))
+    assert len(batches) == 1 and torch.equal(batches[0][2], parts[1])
 
 
 def test_missing_path_names_prep_command(tmp_path):
