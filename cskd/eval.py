@@ -23,7 +23,7 @@ from cskd.batch import Shard
 from cskd.checkpoint import load_weights
 from cskd.dataset import DatasetInfo, open_dataset
 from cskd.errors import ConfigError, CskdError, DataError
-from cskd.fileio import write_json
+from cskd.fileio import nearest_existing, write_json
 from cskd.loaders import EvalBatches, eval_loader, loader_spec
 from cskd.metrics import METRIC_NAMES, classification_metrics
 from cskd.progress import log
@@ -120,7 +120,7 @@ def check_out_path(out: str) -> None:
     if (path.exists() or path.is_symlink()) and not path.is_file():
         raise ConfigError(f"--out {out} is not a regular file (a device, pipe or dangling link), and --out "
                           f"replaces its file; give a file name (the result is printed anyway)")
-    parent = next((p for p in path.parents if p.exists()), Path("."))
+    parent = nearest_existing(path.parent)
     if not parent.is_dir():
         raise ConfigError(f"--out {out}: {parent} is a file, not a directory; give a path in a directory")
     if not os.access(parent, os.W_OK | os.X_OK):

@@ -29,6 +29,14 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` if it exists, else its closest ancestor that does: where creating `path` would start,
+    so the place to check for a file in the way or for write permission."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

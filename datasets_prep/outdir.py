@@ -20,6 +20,7 @@ import os
 from pathlib import Path
 
 from cskd.errors import DataError
+from cskd.fileio import nearest_existing
 from datasets_prep import staging
 
 FORCE_HINT = "pass --force to replace it (runs trained on the current files will refuse to resume on the new ones)"
@@ -52,18 +53,14 @@ def check_path(out: Path) -> None:
     """`out` is a directory or can become one (its nearest existing ancestor is a writable directory)."""
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file, not a directory; pass a directory (it is created if missing)")
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = nearest_existing(out)
     if not base.is_dir():
         raise DataError(f"--out {out} cannot be created: {base} is a file, not a directory; pass another --out")
 
 
 def check_writable(out: Path) -> None:
     """The directory that will receive the files (or the ancestor that will hold it) is writable."""
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
+    base = nearest_existing(out)
     if not os.access(base, os.W_OK | os.X_OK):
         raise DataError(f"--out {out} is not writable ({base}: permission denied); choose another directory "
                         f"or fix its permissions")
