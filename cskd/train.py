@@ -199,7 +199,7 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     net = net.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
     ckpt.seed_everything(cfg.seed + env.rank)
     method.bind(MethodContext(env.device, dataset.num_classes, len(dataset.labels["train"]), env.rank,
-                              env.world_size, cfg.epochs))
+                              env.world_size, cfg.epochs, dataset.meta.get("classes")))
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule), 0.1)

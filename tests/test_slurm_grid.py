@@ -95,8 +95,14 @@ def test_preempted_run_requeues_resumes_and_matches_an_uninterrupted_run(mnist_d
     assert "skip" in relaunch.stdout and job_record(run_dir)["job_id"] == job_id  # waited, did not resubmit
     log = Path(job_record(run_dir)["log"]).read_text() + Path(job_record(run_dir)["log"].replace(".err", ".out")).read_text()
     assert "preempted" in log and "resuming" in log, log[-3000:]
-    history = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id],  # -D: every requeue
-                             capture_output=True, text=True, timeout=60).stdout.split()
+    def job_history() -> list[str]:  # -D: every requeue
+        return subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id],
+                              capture_output=True, text=True, timeout=60).stdout.split()
+
+    # --wait returns once the run's summary exists; the job itself (submitit's result pickle, the process exit,
+    # slurmctld's accounting) finishes a moment later, so sacct may still say RUNNING.
+    history = wait_for(lambda: (h := job_history()) and h[-1] not in ("RUNNING", "COMPLETING") and h,
+                       120, "Slurm to record the job's end")
     assert history[-1] == "COMPLETED" and {"REQUEUED", "PREEMPTED"} & set(history[:-1]), history
 
     reference = tmp_path / "uninterrupted"

@@ -44,6 +44,7 @@ class MethodContext:
     rank: int
     world_size: int
     epochs: int
+    classes: list[str] | None = None  # the training set's class names (meta.json), where it records them
 
 
 @dataclass

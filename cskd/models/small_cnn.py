@@ -16,6 +16,8 @@ def _stage(c_in: int, c_out: int, pool: bool) -> nn.Sequential:
 
 
 class SmallCNN(Classifier):
+    stage_reductions = (1, 2, 2)
+
     def __init__(self, num_classes: int, width: int = 16):
         super().__init__()
         self.body = nn.Sequential(
@@ -23,10 +25,15 @@ class SmallCNN(Classifier):
             _stage(width, 2 * width, pool=True),  # 16 -> 8
             _stage(2 * width, 4 * width, pool=False),
         )
+        self.stage_channels = (width, 2 * width, 4 * width)
         self.head = nn.Linear(4 * width, num_classes)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x).mean(dim=(2, 3))
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        maps = []
+        for stage in self.body:
+            x = stage(x)
+            maps.append(x)
+        return maps
 
 
 @register_model("small_cnn")
