@@ -30,12 +30,14 @@ from cskd.progress import log
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bins: int = 20
-             ) -> tuple[dict | None, dict | None]:
+def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bins: int = 20,
+             superclass_of_class: list[str] | None = None) -> tuple[dict | None, dict | None]:
     """(metrics, reliability bins) of the whole split on rank 0, (None, None) on other ranks.
 
     `model` is the bare model (not its DDP wrapper), a `cskd.models.Classifier`. Shards are gathered
-    and put back in dataset order, so each sample counts once whatever the number of ranks."""
+    and put back in dataset order, so each sample counts once whatever the number of ranks.
+    `superclass_of_class` (meta.json's, where the dataset records a hierarchy) adds the hierarchy
+    accuracies (`cskd.metrics.hierarchical_accuracy`)."""
     D.broadcast_buffers(model)
     model.eval()
     logits, features, labels, index = [], [], [], []
@@ -50,7 +52,8 @@ def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bi
     if not env.is_main:
         return None, None
     order = index.argsort()  # dataset order, whatever the number of ranks
-    metrics, bins = classification_metrics(logits[order], labels[order], features[order], ece_bins)
+    metrics, bins = classification_metrics(logits[order], labels[order], features[order], ece_bins,
+                                           superclass_of_class)
     return metrics | {"samples": len(labels)}, bins
 
 
@@ -103,7 +106,8 @@ def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | No
                         f"{dataset.num_classes} classes ({str(e).splitlines()[0]})") from None
     spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device)
     model = model.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
-    metrics, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins)
+    metrics, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins,
+                          dataset.meta.get("superclass_of_class"))
     if not env.is_main:
         return None
     return {"run_dir": str(run_dir), "checkpoint": which, "epoch": saved["epoch"], "data": str(dataset.path),

@@ -243,7 +243,8 @@ def train_loop(run: Run) -> None:
         start = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(run.model, run.method, run.train_loader, run.optimizer, epoch, cfg, env)
-        test_metrics, bins = evaluate(run.net, run.test_loader, env, cfg.ece_bins)
+        test_metrics, bins = evaluate(run.net, run.test_loader, env, cfg.ece_bins,
+                                      run.dataset.meta.get("superclass_of_class"))
         run.scheduler.step()
         wall_s = time.perf_counter() - start
         rng = D.all_gather_objects(ckpt.rng_state())
@@ -302,6 +303,7 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
         _main_rank_decides(env, lock_run_dir)
         dataset = open_dataset(cfg.data.path)
         _check_batch_size(cfg, dataset)
+        _main_rank_decides(env, lambda: METHODS[cfg.method].check_inputs(cfg.method_params))
         D.check_identical((cfg.seed, len(dataset.labels["train"])), "(seed, training-set size)")
         status = _main_rank_decides(env, lambda: rundir.prepare(cfg, force))
         if status == "complete":

@@ -5,9 +5,12 @@ Runs are found as DIR/**/summary.json, wherever they lie, and grouped by what ea
 paper's Tables 1-3, each model gets a table with one row per method (cross-entropy first) and one
 column per dataset; a cell is mean ± sample std (ddof=1) over the seeds with the relative change
 vs. the cross-entropy row in parentheses, and the number of seeds behind it ("21.99±0.13 (-11.0%)
-n=3"). Below the tables come the runs that are not done, by state, from the launcher's grid.json
-manifests (launch/runs.py).
-The report is also written to DIR/results.md, with DIR/results.csv (both epochs) and one
+n=3"). A grid whose grid.json declares the paper table it reproduces (`"paper": {"paper": "cskd2020",
+"table": "1"}`) is reported apart, with the paper's numbers beside ours and the cells that differ by more
+than chance marked, for every metric of that table and both epochs (launch/paper.py). Below the tables
+come the runs that are not done, by state, from the launcher's grid.json manifests (launch/runs.py).
+The report is also written to DIR/results.md, with DIR/results.csv (both epochs; with the columns of
+`launch.paper.COLUMNS` when a grid declares a paper table) and one
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
 `--status` prints only each grid's run counts and its unfinished runs.
 
@@ -37,7 +40,7 @@ from cskd.fileio import write_text
 from cskd.metrics import METRIC_NAMES
 from cskd.plots import reliability_overlay
 from cskd.rundir import Summary, read_summary
-from launch import runs
+from launch import paper, runs
 from launch.runs import RunStatus
 
 BASELINE = "ce"
@@ -47,6 +50,8 @@ UNITS = {"top1_err": "%", "top5_err": "%", "ece": "%", "r_at_1": "%", "nll": "na
          "eaurc": "×1000"}
 NOT_DONE = ("missing", "pending", "running", "failed", "cancelled", "unknown")
 COUNTED = ("done", "pending", "running", "failed", "cancelled", "missing")  # 'unknown' only when it occurs
+CELLS = (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
+         f"relative change of the mean vs. the {BASELINE} row of the same dataset and model.")
 
 
 @dataclass
@@ -104,20 +109,24 @@ def _label_order(label: str) -> tuple:
 
 
 def aggregate(results: list[Summary], metric: str, epochs=EPOCHS) -> list[dict]:
-    """One row per (dataset, model, label, epoch kind): mean, std, n, relative change vs. ce."""
+    """One row per (dataset, model, label, epoch kind): mean, std, n, relative change vs. ce. Runs that do
+    not record `metric` (one newer than them) are not counted: a group of only such runs has mean None, n 0."""
     groups: dict[tuple, list[float]] = {}
     for r in results:
         for kind in epochs:
-            groups.setdefault((r.dataset, r.model, r.label, kind), []).append(float(getattr(r, kind)[metric]))
+            value = getattr(r, kind).get(metric)
+            values = groups.setdefault((r.dataset, r.model, r.label, kind), [])
+            if isinstance(value, (int, float)):
+                values.append(float(value))
     rows = []
     for (dataset, model, label, kind), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                         _label_order(kv[0][2]),
                                                                                         kv[0][3])):
-        mean = statistics.fmean(values)
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        mean = statistics.fmean(values) if values else None
+        std = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
         base = groups.get((dataset, model, BASELINE, kind))
         rel = None
-        if base and label != BASELINE and statistics.fmean(base) != 0:
+        if base and values and label != BASELINE and statistics.fmean(base) != 0:
             rel = 100.0 * (mean - statistics.fmean(base)) / statistics.fmean(base)
         rows.append({"dataset": dataset, "model": model, "method": label, "epoch": kind, "metric": metric,
                      "mean": mean, "std": std, "n": len(values), "rel_vs_ce_pct": rel})
@@ -146,13 +155,11 @@ def markdown_tables(rows: list[dict], epoch: str = "final") -> str:
     return "\n\n".join(blocks) + "\n"
 
 
-def footnote(results: list[Summary]) -> str:
+def footnote(results: list[Summary], cells: str = CELLS) -> str:
     """What the cells mean, the machine(s) behind them, and any dataset column that pools conversions."""
     devices = sorted({r.device for r in results})
-    text = (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
-            f"relative change of the mean vs. the {BASELINE} row of the same dataset and model. final = last "
-            f"epoch; best = epoch of lowest test top1_err, i.e. selected on the test set (optimistic, as the "
-            f"reference code reports). Machine(s): {'; '.join(devices)}.\n")
+    text = (f"{cells} final = last epoch; best = epoch of lowest test top1_err, i.e. selected on the test set "
+            f"(optimistic, as the reference code reports). Machine(s): {'; '.join(devices)}.\n")
     conversions: dict[str, set[str]] = {}
     for r in results:
         conversions.setdefault(r.dataset, set()).add(r.data_identity)
@@ -163,10 +170,12 @@ def footnote(results: list[Summary]) -> str:
     return text
 
 
-def csv_text(rows: list[dict]) -> str:
+def csv_text(rows: list[dict], with_paper: bool = False) -> str:
+    """One line per row of `aggregate`; `with_paper`: also the columns `launch.paper.annotate` adds."""
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["dataset", "model", "method", "metric", "epoch", "mean", "std", "n",
-                                             "rel_vs_ce_pct"], lineterminator="\n")
+                                             "rel_vs_ce_pct"] + (paper.COLUMNS if with_paper else []),
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue()
@@ -175,19 +184,24 @@ def csv_text(rows: list[dict]) -> str:
 def read_grids(root: str | Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Unreadable]]:
     """(name, grid root, run dirs) per readable grid.json under `root` (without any: the run dirs found on
     disk), and the grid.json files that cannot be read."""
-    grids, bad = [], []
-    for path in sorted(Path(root).rglob(runs.MANIFEST)):
-        try:
-            manifest = _read_manifest(path)
-        except (OSError, ValueError) as e:
-            bad.append(Unreadable(path, f"{e}; re-run the grid's launch command to write it again"))
-            continue
-        grids.append((str(manifest.get("name", path.parent)), path.parent,
-                      [path.parent / e["dir"] for e in manifest["runs"]]))
+    manifests, bad = read_manifests(root)
+    grids = [(str(manifest.get("name", path.parent)), path.parent, [path.parent / e["dir"] for e in manifest["runs"]])
+             for path, manifest in manifests]
     if grids:
         return grids, bad
     dirs = sorted({p.parent for name in (rundir.CONFIG, rundir.SUMMARY) for p in Path(root).rglob(name)})
     return ([("(no grid.json; run dirs on disk)", Path(root), dirs)] if dirs else []), bad
+
+
+def read_manifests(root: str | Path) -> tuple[list[tuple[Path, dict]], list[Unreadable]]:
+    """(path, manifest) per readable grid.json under `root`, and the grid.json files that cannot be read."""
+    manifests, bad = [], []
+    for path in sorted(Path(root).rglob(runs.MANIFEST)):
+        try:
+            manifests.append((path, _read_manifest(path)))
+        except (OSError, ValueError) as e:
+            bad.append(Unreadable(path, f"{e}; re-run the grid's launch command to write it again"))
+    return manifests, bad
 
 
 def _read_manifest(path: Path) -> dict:
@@ -301,15 +315,26 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
     unreadable = bad_summaries + bad_grids
     if not results and not grids and not unreadable:
         return Report(f"no runs (summary.json, config.yaml or grid.json) under {root}\n")
-    rows = aggregate(results, metric)
-    tables = (markdown_tables(rows, epoch) + "\n" + footnote(results) if results
-              else f"no finished runs (summary.json) under {root}\n")
-    parts = (tables, not_done_text(root, run_statuses(grids, unreadable)), unreadable_text(root, unreadable))
+    declared, bad_declarations = paper.read_declarations(root, read_manifests(root)[0])
+    plain, by_table = paper.split_by_paper(results, declared)
+    rows = aggregate(plain, metric)
+    paper_blocks, paper_rows = paper.tables(by_table, aggregate)
+    blocks = [markdown_tables(rows, epoch) + "\n" + footnote(plain)] if plain else []
+    if paper_blocks:
+        reproduced = [s for _, group in by_table.values() for s in group]
+        blocks.append("\n".join(paper_blocks) + "\n" + footnote(reproduced, paper.legend()))
+    tables = "\n".join(blocks) or f"no finished runs (summary.json) under {root}\n"
+    parts = (tables, paper.declarations_text(bad_declarations), not_done_text(root, run_statuses(grids, unreadable)),
+             unreadable_text(root, unreadable))
     text = "\n".join(t for t in parts if t)
+    if bad_declarations:
+        _warn(f"{len(bad_declarations)} grid.json paper declaration(s) under {root} cannot be used "
+              f"({'; '.join(bad_declarations)}); their runs are reported without the paper's numbers")
     if unreadable:
         _warn(f"{len(unreadable)} summary.json/grid.json file(s) under {root} could not be read; they are listed "
               f"under 'Unreadable files' in the report")
-    return Report(text, _write_files(root, out_stem, text, rows, results), unreadable)
+    csv_rows = csv_text(rows + paper_rows, with_paper=bool(paper_rows))
+    return Report(text, _write_files(root, out_stem, text, csv_rows, results), unreadable)
 
 
 def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
@@ -320,11 +345,11 @@ def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_files(root: Path, out_stem: str, text: str, rows: list[dict], results: list[Summary]) -> list[Path]:
+def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: list[Summary]) -> list[Path]:
     """Write the report's files; those that cannot be written (a read-only root) are named in one warning."""
     written, failed = [], []
     for path, write in ((root / f"{out_stem}.md", lambda p: write_text(p, text)),
-                        (root / f"{out_stem}.csv", lambda p: write_text(p, csv_text(rows)))):
+                        (root / f"{out_stem}.csv", lambda p: write_text(p, csv_rows))):
         try:
             write(path)
             written.append(path)

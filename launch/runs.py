@@ -1,9 +1,10 @@
 """Where each run of a grid stands: done, pending, running, failed, cancelled or missing.
 
 The launcher leaves two kinds of record, both written atomically:
-- `<root>/grid.json`, the manifest: the grid's name and every run it expands to (run id, run dir
-  relative to the root, dataset, model, method label, seed), so a run that never started is
-  reported as missing rather than silently absent from the table;
+- `<root>/grid.json`, the manifest: the grid's name, the paper table it reproduces (its `paper:`
+  declaration, `{"paper", "table"}`, or null) and every run it expands to (run id, run dir relative
+  to the root, dataset, model, method label, seed), so a run that never started is reported as
+  missing rather than silently absent from the table;
 - `<run dir>/job.json`: who runs it (`slurm` with the job id, or `local` with the launcher's and the
   job's pids) and where its log is. A finished run is one with a readable `summary.json`, whatever the record
   says; a run whose dir a live trainer has locked (`cskd.rundir.run_dir_lock`) is running, whatever
@@ -37,8 +38,9 @@ class RunStatus:
     job_id: str | None = None
 
 
-def write_manifest(root: Path, name: str, entries: list[dict]) -> None:
-    write_json(root / MANIFEST, {"name": name, "runs": entries})
+def write_manifest(root: Path, name: str, entries: list[dict], paper: dict | None = None) -> None:
+    """The grid's manifest; `paper` is always present (null for a grid that declares none)."""
+    write_json(root / MANIFEST, {"name": name, "paper": paper, "runs": entries})
 
 
 def write_job_record(run_dir: Path, scheduler: str, job_id: str, log: str | None, **extra) -> None:

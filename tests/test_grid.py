@@ -146,7 +146,7 @@ def string_round_trip(grid: dict) -> list[dict]:
     import json
 
     from cskd.config import load_config, to_dict
-    from launch.grid import _flat
+    from launch.gridspec import _flat
 
     base, configs = str(REPO / grid["base"]), []
     fixed = [f"{k}={json.dumps(v)}" for k, v in grid["overrides"].items()]

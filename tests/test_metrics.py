@@ -3,7 +3,16 @@ import math
 import pytest
 import torch
 
-from cskd.metrics import aurc_eaurc, classification_metrics, ece, nll, recall_at_1, reliability_bins, top_k_error
+from cskd.metrics import (
+    aurc_eaurc,
+    classification_metrics,
+    ece,
+    hierarchical_accuracy,
+    nll,
+    recall_at_1,
+    reliability_bins,
+    top_k_error,
+)
 
 
 def test_top_k_error():
@@ -66,3 +75,24 @@ def test_classification_metrics_keys_and_units():
     assert set(metrics) == {"top1_err", "top5_err", "nll", "ece", "aurc", "eaurc", "r_at_1"}
     assert 0 <= metrics["top5_err"] <= metrics["top1_err"] <= 100
     assert len(bins["count"]) == 20 and sum(bins["count"]) == 50
+
+
+def test_hierarchical_accuracy_counts_the_predicted_fine_labels_superclass():
+    # classes 0, 1 are birds, 2 a dog, 3 indoor
+    supers = ["bird", "bird", "dog", "indoor"]
+    labels = torch.tensor([0, 0, 1, 2, 2, 3])
+    predictions = torch.tensor([1, 0, 2, 2, 0, 3])
+    # bird samples: 0->1 (bird, right although the fine label is wrong), 0->0 (right), 1->2 (dog: wrong)
+    # dog samples: 2->2 right, 2->0 wrong; indoor: 3->3 right. Overall 4 of 6.
+    acc = hierarchical_accuracy(predictions, labels, supers)
+    assert acc == pytest.approx({"hier_acc": 400 / 6, "hier_acc_bird": 200 / 3, "hier_acc_dog": 50.0,
+                                 "hier_acc_indoor": 100.0})
+    assert "hier_acc_indoor" not in hierarchical_accuracy(predictions[:5], labels[:5], supers)  # no indoor sample
+
+
+def test_classification_metrics_adds_the_hierarchy_when_given():
+    logits = torch.tensor([[0.0, 2.0, 0.0], [0.0, 0.0, 2.0]])  # predicts 1 and 2
+    labels = torch.tensor([0, 2])
+    metrics, _ = classification_metrics(logits, labels, torch.randn(2, 3), superclass_of_class=["a", "a", "b"])
+    assert metrics["top1_err"] == pytest.approx(50.0)
+    assert (metrics["hier_acc"], metrics["hier_acc_a"], metrics["hier_acc_b"]) == (100.0, 100.0, 100.0)

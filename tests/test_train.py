@@ -51,8 +51,8 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
 
 @pytest.mark.parametrize("overrides, message", [
     (["epochz=3"], "unknown config key 'epochz'"),
-    (["model=resnet99"], "valid models: preact_resnet18, small_cnn"),
-    (["method=pskd"], "valid methods: ce, cskd"),
+    (["model=resnet99"], "valid models: densenet121, densenet121_bc_cifar, preact_resnet10, preact_resnet18"),
+    (["method=pskd"], "valid methods: adacos, byot, ce, cskd, cskd_e, ddgsd, kd, kd_cskd, ls, maxent, mixup"),
     (["data.path=/nonexistent/mnist5k"], "prepare it with: python -m datasets_prep mnist5k --out /nonexistent/mnist5k"),
 ])
 def test_bad_input_one_line_errors(mnist_dir, tmp_path, overrides, message):

@@ -66,6 +66,14 @@ class Method:
     def check_params(cls, params) -> None:
         """Raise ConfigError for out-of-range hyperparameters (called during config validation)."""
 
+    @classmethod
+    def check_inputs(cls, params) -> None:
+        """Raise a CskdError if a file the method reads (a KD teacher's run dir) is missing or unusable.
+
+        Called by the trainer before the run dir is written, so a mistyped path leaves nothing behind;
+        unlike `check_params` it is not part of config validation (a grid is resolved before its
+        teachers are trained)."""
+
     def sampling(self) -> Sampling:
         return Sampling()
 

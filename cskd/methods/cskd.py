@@ -24,6 +24,14 @@ class CSKDParams:
     exclude_self: bool = False
 
 
+def class_wise_term(model, logits: torch.Tensor, partner_images: torch.Tensor, temperature: float) -> torch.Tensor:
+    """L_cls = T^2 * KL(p(x') || p(x)) of the anchors' `logits` to their same-class partners, the
+    partners forwarded as the reference does: a separate pass, in train mode, under no_grad."""
+    with torch.no_grad():
+        pair_logits = model(partner_images)
+    return kd_kl_div(logits, pair_logits, temperature)
+
+
 @register_method("cskd")
 class CSKD(Method):
     Params = CSKDParams
@@ -40,9 +48,7 @@ class CSKD(Method):
 
     def loss(self, model, batch: Batch) -> StepOutput:
         logits = model(batch.images)
-        with torch.no_grad():
-            pair_logits = model(batch.pair_images)
         ce = cross_entropy(logits, batch.labels)
-        kl = kd_kl_div(logits, pair_logits, self.params.temperature)
+        kl = class_wise_term(model, logits, batch.pair_images, self.params.temperature)
         loss = ce + self.params.lam * kl  # == losses.cskd_loss, with the terms kept for logging
         return StepOutput(loss, logits, {"ce": ce.detach(), "cls": kl.detach()})

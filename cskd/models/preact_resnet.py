@@ -1,4 +1,5 @@
-"""PreAct ResNet for 32x32 inputs, as the CS-KD reference's `CIFAR_ResNet18` (models/resnet.py).
+"""PreAct ResNets for 32x32 inputs, as the CS-KD reference's `CIFAR_ResNet18` / `CIFAR_ResNet10`
+(alinlab/cs-kd models/resnet.py, class `CIFAR_ResNet` with `PreActBlock`).
 
 Reproduced with the reference's quirks, because the paper's numbers come from this network:
 1. The stem is post-activated (conv3x3 -> BN -> ReLU) and is followed by pre-activation blocks,
@@ -11,12 +12,25 @@ Reproduced with the reference's quirks, because the paper's numbers come from th
 5. The pooling is `avg_pool2d(out, 4)`: it assumes a 32x32 input (4x4 final map); other sizes
    are refused with a clear error here rather than a shape mismatch in the linear layer.
 6. PyTorch's default initialisation; the linear head has a bias.
+
+Stages are layer1..layer4 (the stem is not a stage): 64/128/256/512 channels at 32/16/8/4 px.
+Because of quirk 4 the last stage map is the raw sum of a residual branch and its shortcut, which
+is also what the pooled features and BYOT's deepest head read.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cskd.models import Classifier, register_model
+
+
+def require_32x32(x: torch.Tensor, model_name: str) -> None:
+    """Refuse inputs other than 32x32 for the reference's CIFAR nets, whose `avg_pool2d(out, 4)`
+    only reduces the 4x4 final map of a 32x32 input to one vector."""
+    if x.shape[-2:] != (32, 32):
+        raise ValueError(
+            f"{model_name} expects 32x32 inputs (reference avg_pool2d(out, 4)), got {tuple(x.shape[-2:])}"
+        )
 
 
 class PreActBlock(nn.Module):
@@ -41,8 +55,12 @@ class PreActBlock(nn.Module):
 
 
 class CifarPreActResNet(Classifier):
-    def __init__(self, num_blocks: list[int], num_classes: int):
+    stage_channels = (64, 128, 256, 512)
+    stage_reductions = (1, 2, 4, 8)
+
+    def __init__(self, num_blocks: list[int], num_classes: int, name: str):
         super().__init__()
+        self.model_name = name
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -59,15 +77,27 @@ class CifarPreActResNet(Classifier):
             self.in_planes = planes
         return nn.Sequential(*layers)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-2:] != (32, 32):
-            raise ValueError(f"preact_resnet18 expects 32x32 inputs (reference avg_pool2d(out, 4)), got {tuple(x.shape[-2:])}")
+    def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        require_32x32(x, self.model_name)
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return F.avg_pool2d(out, 4).flatten(1)
+        maps = []
+        for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
+            out = layer(out)
+            maps.append(out)
+        return maps
+
+    def pool(self, last_map: torch.Tensor) -> torch.Tensor:
+        # The reference's fixed 4x4 window (quirk 5); the input check makes it a global pool.
+        return F.avg_pool2d(last_map, 4).flatten(1)
 
 
 @register_model("preact_resnet18")
 def preact_resnet18(num_classes: int) -> Classifier:
     """The CS-KD paper's network for CIFAR-100 and TinyImageNet (reference `CIFAR_ResNet18`)."""
-    return CifarPreActResNet([2, 2, 2, 2], num_classes)
+    return CifarPreActResNet([2, 2, 2, 2], num_classes, "preact_resnet18")
+
+
+@register_model("preact_resnet10")
+def preact_resnet10(num_classes: int) -> Classifier:
+    """One PreAct block per stage (reference `CIFAR_ResNet10`), a small student for KD runs."""
+    return CifarPreActResNet([1, 1, 1, 1], num_classes, "preact_resnet10")
