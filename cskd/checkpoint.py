@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from cskd import rundir
-from cskd.errors import RunDirError
+from cskd.errors import DataError, RunDirError
 from cskd.fileio import atomic_path
 
 
@@ -144,3 +144,23 @@ def load_weights(run_dir: str | Path, which: str) -> dict:
     if not (isinstance(saved, dict) and isinstance(saved.get("model"), dict) and isinstance(saved.get("epoch"), int)):
         raise RunDirError(f"{path} is not a cskd checkpoint (no model state and epoch); re-create it (--force)")
     return saved
+
+
+def saved_outputs(net: torch.nn.Module, state: dict) -> int | None:
+    """How many classes the saved weights `state` of `net` predict: the rows of its head's weight, found
+    under the name the head has in `net` (a wrapper such as BYOT's stores it as `net.head.weight`)."""
+    weight = net.head.weight
+    name = next(n for n, p in net.named_parameters() if p is weight)
+    saved = state.get(name)
+    return saved.shape[0] if isinstance(saved, torch.Tensor) and saved.dim() > 0 else None
+
+
+def load_net_state(net: torch.nn.Module, state: dict, source: str, cfg) -> None:
+    """Load the saved weights `state` into `net` (built by `cskd.methods.build_net(cfg, ...)`), or a
+    one-line DataError: `source` (e.g. "the weights in runs/x") do not fit the config's model and method."""
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise DataError(f"{source} do not fit model={cfg.model} method={cfg.method} for "
+                        f"{net.head.weight.shape[0]} classes "
+                        f"({str(e).splitlines()[0][:200]})") from None

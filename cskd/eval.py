@@ -20,7 +20,7 @@ import torch
 from cskd import distributed as D
 from cskd import rundir
 from cskd.batch import Shard
-from cskd.checkpoint import load_weights
+from cskd.checkpoint import load_net_state, load_weights, saved_outputs
 from cskd.dataset import DatasetInfo, open_dataset
 from cskd.errors import ConfigError, CskdError, DataError
 from cskd.fileio import nearest_existing, write_json
@@ -85,8 +85,7 @@ def run_eval(run_dir: str, which: str = "final", data: str | None = None, ece_bi
 
 
 def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | None, ece_bins: int) -> dict | None:
-    from cskd.methods import METHODS
-    from cskd.models import build_model
+    from cskd.methods import build_net
 
     saved = load_weights(run_dir, which)
     try:
@@ -95,15 +94,9 @@ def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | No
         if data:
             raise
         raise DataError(f"{e} (this is the run's data.path; pass --data DIR where the dataset lives here)") from None
-    head = saved["model"].get("head.weight")
-    _check_classes(dataset, saved.get("classes"), head.shape[0] if head is not None else dataset.num_classes)
-    method = METHODS[cfg.method](cfg.method_params, dataset.num_classes)
-    model = method.prepare_model(build_model(cfg.model, dataset.num_classes))
-    try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as e:
-        raise DataError(f"the weights in {run_dir} do not fit model={cfg.model} method={cfg.method} for "
-                        f"{dataset.num_classes} classes ({str(e).splitlines()[0]})") from None
+    model = build_net(cfg, dataset.num_classes)
+    _check_classes(dataset, saved.get("classes"), saved_outputs(model, saved["model"]) or dataset.num_classes)
+    load_net_state(model, saved["model"], f"the weights in {run_dir}", cfg)
     spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device)
     model = model.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
     metrics, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins,

@@ -9,7 +9,6 @@ that changed under it.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import torch
 from torch import nn
 
 from cskd import rundir
-from cskd.checkpoint import load_weights
+from cskd.checkpoint import load_net_state, load_weights, saved_outputs
 from cskd.errors import CskdError, DataError, RunDirError
+from cskd.fileio import sha256
 
 FIX = "give the run dir of a finished run, {key}=runs/..."
 
@@ -35,14 +35,6 @@ class Teacher:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The teacher's logits, computed as evaluation computes them (eval mode, no gradient)."""
         return self.model.head(self.model.forward_features(x))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _check_classes(where: str, classes: list[str] | None, outputs: int | None, num_classes: int,
@@ -84,8 +76,7 @@ def load_teacher(run_dir: str, which: str, key: str, device: torch.device, num_c
 
     `key` is the config key that named it (e.g. 'kd.teacher'), quoted with the fix in every error;
     `num_classes` and `classes` are the student's (classes: None where its dataset records none)."""
-    from cskd.methods import METHODS
-    from cskd.models import build_model
+    from cskd.methods import build_net
 
     where = f"the teacher {key}={run_dir}"
     cfg, summary = check_teacher(run_dir, key)
@@ -94,16 +85,14 @@ def load_teacher(run_dir: str, which: str, key: str, device: torch.device, num_c
         saved = load_weights(path, which)
     except CskdError as e:
         raise type(e)(f"{where}: {e}") from None
-    head = saved["model"].get("head.weight")
-    _check_classes(where, saved.get("classes"), None if head is None else head.shape[0], num_classes, classes)
-    model = METHODS[cfg.method](cfg.method_params, num_classes).prepare_model(build_model(cfg.model, num_classes))
+    model = build_net(cfg, num_classes)
+    _check_classes(where, saved.get("classes"), saved_outputs(model, saved["model"]), num_classes, classes)
     try:
-        model.load_state_dict(saved["model"])
-    except RuntimeError as e:
-        raise DataError(f"{where}: its weights do not fit model={cfg.model} method={cfg.method} for {num_classes} "
-                        f"classes ({str(e).splitlines()[0][:200]}); {FIX.format(key=key)}") from None
+        load_net_state(model, saved["model"], f"{where}: its weights", cfg)
+    except DataError as e:
+        raise DataError(f"{e}; {FIX.format(key=key)}") from None
     model.to(device).eval().requires_grad_(False)
-    sha = _sha256(path / (rundir.CHECKPOINT if which == "final" else rundir.BEST))
+    sha = sha256(path / (rundir.CHECKPOINT if which == "final" else rundir.BEST))
     err = summary.final["top1_err"] if which == "final" else summary.best["top1_err"]
     description = (f"teacher {path}: {cfg.method} / {cfg.model}, {which} weights (epoch {saved['epoch'] + 1}, "
                    f"test err {err:.2f}%), sha256 {sha[:12]}")

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, int_labels, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, int_labels, require
 
 LAYOUT = {  # name -> (folder, {split: files}, meta file, class-name key, label key)
     "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},

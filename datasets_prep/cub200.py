@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, by_id, parse_int, read_table, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, by_id, parse_int, read_table
 
 FOLDER = "CUB_200_2011"
 EXPECTED = {"train": 5994, "test": 5794}

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, check_classes, load_mat, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, check_classes, load_mat, require
 
 EXPECTED = {"train": 12000, "test": 8580}
 

@@ -20,7 +20,8 @@ import os
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, check_classes, load_mat, read_lines, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, check_classes, load_mat, read_lines, require
 
 EXPECTED = {"train": 1281167, "test": 50000}
 EXTENSIONS = (".jpeg", ".jpg", ".png")  # one train "JPEG" is really a PNG; the writer decodes by content

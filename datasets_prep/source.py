@@ -7,7 +7,6 @@ Decoding, resizing and writing the FFCV files is the writer's job (datasets_prep
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,14 +28,6 @@ class Source:
     # The reader's own options that change what is written (a split seed, a subset size): part of
     # the conversion's identity, recorded as meta.json conversion.reader.
     params: dict = field(default_factory=dict)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def require(path: Path, what: str, kind: str = "") -> Path:

@@ -14,7 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from datasets_prep.source import Source, read_lines, require, sha256
+from cskd.fileio import sha256
+from datasets_prep.source import Source, read_lines, require
 
 FOLDER = "tiny-imagenet-200"
 EXPECTED = {"train": 100000, "test": 10000}

@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from cskd.fileio import write_json
+from cskd.fileio import sha256, write_json
 from datasets_prep import outdir, staging
 from datasets_prep.images import Resize, load_rgb, validate
-from datasets_prep.source import Source, check_classes, check_counts, sha256
+from datasets_prep.source import Source, check_classes, check_counts
 
 MIN_PAGE = 1 << 21  # FFCV's minimum page size (2 MiB)
 

@@ -181,10 +181,11 @@ def csv_text(rows: list[dict], with_paper: bool = False) -> str:
     return out.getvalue()
 
 
-def read_grids(root: str | Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Unreadable]]:
+def read_grids(root: str | Path, manifests: tuple[list[tuple[Path, dict]], list[Unreadable]] | None = None
+               ) -> tuple[list[tuple[str, Path, list[Path]]], list[Unreadable]]:
     """(name, grid root, run dirs) per readable grid.json under `root` (without any: the run dirs found on
-    disk), and the grid.json files that cannot be read."""
-    manifests, bad = read_manifests(root)
+    disk), and the grid.json files that cannot be read; `manifests`: `read_manifests(root)`, if read already."""
+    manifests, bad = manifests or read_manifests(root)
     grids = [(str(manifest.get("name", path.parent)), path.parent, [path.parent / e["dir"] for e in manifest["runs"]])
              for path, manifest in manifests]
     if grids:
@@ -311,11 +312,12 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
     """`report`, also saying which files were written. Unreadable inputs are listed in the text and
     files that cannot be written are skipped, each kind with one `warning:` line on stderr."""
     root = Path(root)
-    (results, bad_summaries), (grids, bad_grids) = read_results(root), read_grids(root)
+    manifests = read_manifests(root)
+    (results, bad_summaries), (grids, bad_grids) = read_results(root), read_grids(root, manifests)
     unreadable = bad_summaries + bad_grids
     if not results and not grids and not unreadable:
         return Report(f"no runs (summary.json, config.yaml or grid.json) under {root}\n")
-    declared, bad_declarations = paper.read_declarations(root, read_manifests(root)[0])
+    declared, bad_declarations = paper.read_declarations(root, manifests[0])
     plain, by_table = paper.split_by_paper(results, declared)
     rows = aggregate(plain, metric)
     paper_blocks, paper_rows = paper.tables(by_table, aggregate)

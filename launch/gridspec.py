@@ -54,10 +54,9 @@ def _flat(cfg: Config) -> dict:
     return flat
 
 
-def _rule_layers(rules: list, layers: list, seeded: list, where: str) -> list[tuple[dict, str]]:
-    """The `set` layers of every rule whose `if` matches the config the other layers give (a list
-    value = any of)."""
-    flat = _flat(resolve(layers + seeded))
+def _matching_rules(rules: list, cfg: Config, where: str) -> list[tuple[dict, str]]:
+    """The `set` layers of every rule whose `if` matches the config (a list value = any of)."""
+    flat = _flat(cfg)
     result = []
     for i, rule in enumerate(rules):
         if not isinstance(rule, dict) or set(rule) != {"if", "set"} or not all(
@@ -200,7 +199,9 @@ def expand(grid_path: Path, out: Path | None) -> tuple[Path, list[Run]]:
         layers = base + fixed + [(nest(keys), f"{where} axes")]
         for seed in grid.get("seeds", [0]):
             seeded = [({"seed": seed}, f"{where} seeds")]
-            cfg = resolve(layers + _rule_layers(grid.get("rules") or [], layers, seeded, where) + seeded)
+            cfg = resolve(layers + seeded)
+            ruled = _matching_rules(grid.get("rules") or [], cfg, where)
+            cfg = resolve(layers + ruled + seeded) if ruled else cfg  # no rule: the same layers, resolved
             cfg.label = _label(cfg.method, combo)
             cfg.out_dir = str(_run_dir(out, cfg, seed, where))
             digest = hashlib.sha1(json.dumps(identity_dict(cfg), sort_keys=True).encode()).hexdigest()[:10]

@@ -276,3 +276,16 @@ def test_defaults_pass_and_load_from_config():
         METHODS[name].check_params(METHODS[name].Params())
     cfg = load_config(None, ["method=cskd_e", "cskd_e.lam_e=0.5", "cskd_e.exclude_self=true"])
     assert cfg.method_params.lam_e == 0.5 and cfg.method_params.exclude_self
+
+
+def test_saved_outputs_finds_the_head_of_a_wrapped_net():
+    """BYOT's checkpoint stores the head as `net.head.weight`: the class count of saved weights is read
+    under the name the head has in the built net, so eval's and a KD teacher's class checks still apply."""
+    from cskd.checkpoint import saved_outputs
+
+    net = METHODS["byot"](METHODS["byot"].Params(), 7).prepare_model(build_model("small_cnn", 7))
+    state = net.state_dict()
+    assert "net.head.weight" in state and "head.weight" not in state
+    assert saved_outputs(net, state) == 7
+    assert saved_outputs(build_model("small_cnn", 3), build_model("small_cnn", 3).state_dict()) == 3
+    assert saved_outputs(net, {}) is None

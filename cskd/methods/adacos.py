@@ -14,7 +14,6 @@ ranks, so all of them hold the same s (DDP also broadcasts rank 0's buffers befo
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -54,9 +53,7 @@ class AdaCos(Method):
         logits = model(batch.images)  # s_old * cos
         with torch.no_grad():
             s_old = head.scale.clone()
-            s_new = adacos_scale(logits.float() / s_old, batch.labels, s_old)
-            if dist.is_initialized():
-                s_new = D.all_reduce_sum(s_new) / dist.get_world_size()
+            s_new = D.all_reduce_mean(adacos_scale(logits.float() / s_old, batch.labels, s_old))
             head.scale.copy_(s_new)
         # The reference scales this batch's cosines by the scale computed from them: s_new * cos.
         logits = logits.float() * (s_new / s_old)
