@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cskd-installed
 DEBIAN_PACKAGES := g++ pkg-config libopencv-dev libturbojpeg0-dev python3-dev python3-venv
 SHELL := /bin/bash
 
-.PHONY: demo test bench install system-deps
+.PHONY: demo test bench bench-pskd install system-deps
 
 demo: $(STAMP)
 	$(PY) launch/grid.py
@@ -21,6 +21,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py
+
+bench-pskd: $(STAMP)
+	$(PY) benchmarks/bench_pskd.py
 
 install: $(STAMP)
 

@@ -133,6 +133,13 @@ def save_best(out_dir: str | Path, model_state: dict, epoch: int, metrics: dict,
     save(Path(out_dir) / rundir.BEST, {"model": model_state, "epoch": epoch, "test": metrics, "classes": classes})
 
 
+def save_test_logits(path: str | Path, epoch: int, outputs: dict) -> None:
+    """test_logits.pt / best_test_logits.pt: one epoch's test logits in float16 (what an ensemble
+    or a figure needs: softmax of float16 logits is exact to ~1e-3 relative) and the labels."""
+    save(path, {"epoch": epoch, "logits": outputs["logits"].to(torch.float16).cpu(),
+                "labels": outputs["labels"].cpu()})
+
+
 def load_weights(run_dir: str | Path, which: str) -> dict:
     """A run dir's `final` (checkpoint.pt) or `best` (best.pt) file, checked to hold `model` and `epoch`."""
     name = {"final": rundir.CHECKPOINT, "best": rundir.BEST}[which]

@@ -25,6 +25,9 @@ from cskd.errors import ConfigError
 # Keys that change how a run executes but not what it computes: a run dir may be resumed with
 # different values of these.
 RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads", "log_every")
+# Keys added after runs already existed, with the value that keeps those runs' behaviour: at that
+# value a key is left out of a run's identity, so earlier runs keep their identities (and run ids).
+ADDED_KEYS = {"lr_milestones": []}
 # Renamed keys, still read from older configs (a run dir's saved config.yaml): old -> new.
 RENAMED_KEYS = {"data.augment": "data.pipeline"}
 LIST_SEP = ", "
@@ -62,8 +65,11 @@ class Config:
     nesterov: bool = False
     # step_reference: /10 after epochs ceil(E/2) and ceil(3E/4), one epoch *later* than written, as
     # the reference code's adjust_learning_rate does (E=200: lr 0.1 for epochs 0-100). step: exactly
-    # at ceil(E/2) and ceil(3E/4), as the paper's text reads.
+    # at ceil(E/2) and ceil(3E/4), as the paper's text reads. milestones: at `lr_milestones`.
     lr_schedule: str = "step_reference"
+    # lr_schedule milestones: /10 from each of these epoch indices on, the LR set at the epoch's start
+    # (PS-KD's recipe: [150, 225] of 300, lgcnsai/PS-KD-Pytorch main.py adjust_learning_rate).
+    lr_milestones: list[int] = field(default_factory=list)
     seed: int = 0
     out_dir: str = "runs/default"
     # How tables name this run's row (summary.json `label`); empty: the method's name. Grids set
@@ -90,6 +96,8 @@ def _check_value(key: str, value, expected: type, source: str):
 
     Floats must be finite (a NaN learning rate trains nothing and compares unequal to itself) and
     ints must fit torch's int64."""
+    if typing.get_origin(expected) is list:
+        return _check_list(key, value, typing.get_args(expected)[0], source)
     value = _coerce(value, expected)
     if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
         raise ConfigError(
@@ -99,6 +107,14 @@ def _check_value(key: str, value, expected: type, source: str):
     if expected is int and not INT64[0] <= value < INT64[1]:
         raise ConfigError(f"config key '{key}' must fit a 64-bit integer (|value| < 2**63), got {value} from {source}")
     return value
+
+
+def _check_list(key: str, value, item_type: type, source: str) -> list:
+    """A list whose items are each checked as `_check_value` checks a scalar."""
+    if not isinstance(value, list):
+        raise ConfigError(f"config key '{key}' expects a list of {item_type.__name__} (e.g. {key}=[150,225]), got "
+                          f"{value!r} ({type(value).__name__}) from {source}")
+    return [_check_value(f"{key}[{i}]", item, item_type, source) for i, item in enumerate(value)]
 
 
 def _coerce(value, expected: type):
@@ -296,7 +312,7 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
         cfg.method_params = METHODS[cfg.method].Params()
     METHODS[cfg.method].check_params(cfg.method_params)
     choices = {
-        "lr_schedule": ("step_reference", "step"),
+        "lr_schedule": ("step_reference", "step", "milestones"),
         "device": ("auto", "cpu", "cuda"),
         "data.pipeline": tuple(PIPELINES),
         "data.loader": ("ffcv", "device"),
@@ -317,8 +333,26 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
             raise ConfigError(f"config key '{key}' must be <= {limit}, got {get_key(cfg, key)}")
     if not 0 <= cfg.seed < INT64[1]:  # rank r seeds with seed + r: torch takes 0 .. 2**64 - 1
         raise ConfigError(f"config key 'seed' must be >= 0 and < 2**63, got {cfg.seed}")
+    _check_milestones(cfg)
     _check_strings(cfg)
     return cfg
+
+
+def _check_milestones(cfg: Config) -> None:
+    """`lr_milestones` is used by, and only by, `lr_schedule: milestones`: strictly increasing epochs
+    inside the run (a milestone at 0 or past the last epoch would never divide the LR)."""
+    m = cfg.lr_milestones
+    if cfg.lr_schedule != "milestones":
+        if m:
+            raise ConfigError(f"config key 'lr_milestones' is {m} but lr_schedule is {cfg.lr_schedule!r}, which "
+                              f"ignores it; set lr_schedule=milestones, or lr_milestones=[]")
+        return
+    if not m:
+        raise ConfigError("lr_schedule=milestones needs lr_milestones, the epochs from which the LR is divided "
+                          "by 10, e.g. lr_milestones=[150,225]")
+    if any(not 0 < e < cfg.epochs for e in m) or any(a >= b for a, b in zip(m, m[1:])):
+        raise ConfigError(f"config key 'lr_milestones' must be strictly increasing epochs between 1 and "
+                          f"epochs-1={cfg.epochs - 1}, got {m}")
 
 
 def _check_strings(cfg: Config) -> None:
@@ -376,9 +410,11 @@ def dump_yaml(cfg: Config) -> str:
 
 
 def identity_dict(cfg: Config) -> dict:
-    """The config without runtime-only keys: two runs with equal identity compute the same thing."""
+    """The config without runtime-only keys (nor `ADDED_KEYS` at their old behaviour's value): two
+    runs with equal identity compute the same thing."""
     d = to_dict(cfg)
-    for dotted in RUNTIME_KEYS:
+    dropped = list(RUNTIME_KEYS) + [key for key, old in ADDED_KEYS.items() if get_key(cfg, key) == old]
+    for dotted in dropped:
         node = d
         *parents, last = dotted.split(".")
         for part in parents:

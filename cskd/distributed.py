@@ -279,6 +279,16 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
+def all_gather_equal(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate each rank's `t` in rank order, every rank giving the same shape: unlike
+    `all_gather_rows` it reads nothing back to the host, so it can run every step."""
+    if not dist.is_initialized():
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def check_identical(value, what: str) -> None:
     """Fail loudly if ranks disagree on `value` (a seed, a dataset size): they would silently diverge."""
     values = all_gather_objects(value)

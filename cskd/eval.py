@@ -31,8 +31,9 @@ from cskd.progress import log
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bins: int = 20,
-             superclass_of_class: list[str] | None = None) -> tuple[dict | None, dict | None]:
-    """(metrics, reliability bins) of the whole split on rank 0, (None, None) on other ranks.
+             superclass_of_class: list[str] | None = None) -> tuple[dict | None, dict | None, dict | None]:
+    """(metrics, reliability bins, outputs) of the whole split on rank 0, (None, None, None) on other ranks;
+    outputs = {"logits": (N, C) float32, "labels": (N,)}, in dataset order.
 
     `model` is the bare model (not its DDP wrapper), a `cskd.models.Classifier`. Shards are gathered
     and put back in dataset order, so each sample counts once whatever the number of ranks.
@@ -50,11 +51,11 @@ def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bi
             index.append(idx)
     logits, features, labels, index = (D.all_gather_rows(torch.cat(part)) for part in (logits, features, labels, index))
     if not env.is_main:
-        return None, None
+        return None, None, None
     order = index.argsort()  # dataset order, whatever the number of ranks
-    metrics, bins = classification_metrics(logits[order], labels[order], features[order], ece_bins,
-                                           superclass_of_class)
-    return metrics | {"samples": len(labels)}, bins
+    logits, labels = logits[order], labels[order]
+    metrics, bins = classification_metrics(logits, labels, features[order], ece_bins, superclass_of_class)
+    return metrics | {"samples": len(labels)}, bins, {"logits": logits, "labels": labels}
 
 
 def _check_classes(dataset: DatasetInfo, classes: list[str] | None, num_outputs: int) -> None:
@@ -99,8 +100,8 @@ def _evaluate_run(run_dir: Path, cfg, env: D.DistEnv, which: str, data: str | No
     load_net_state(model, saved["model"], f"the weights in {run_dir}", cfg)
     spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device)
     model = model.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
-    metrics, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins,
-                          dataset.meta.get("superclass_of_class"))
+    metrics, _, _ = evaluate(model, eval_loader(spec, Shard(env.rank, env.world_size)), env, ece_bins,
+                             dataset.meta.get("superclass_of_class"))
     if not env.is_main:
         return None
     return {"run_dir": str(run_dir), "checkpoint": which, "epoch": saved["epoch"], "data": str(dataset.path),

@@ -173,3 +173,88 @@ def virtual_softmax_loss(logits: torch.Tensor, features: torch.Tensor, weight: t
     sample's own norm. Gradients reach the weight through the logits and through ||W_y||."""
     virtual = weight[targets].float().norm(dim=1) * features.float().norm(dim=1)
     return F.cross_entropy(torch.cat([logits.float(), virtual[:, None]], dim=1), targets)
+
+
+def pskd_alpha(alpha_T: float, epoch: int, epochs: int) -> float:
+    """PS-KD's weight of the past predictions at 0-based `epoch`: alpha_t = alpha_T * (epoch + 1) / epochs.
+
+    Kim et al. (ICCV 2021) Eq. 6 with t = epoch + 1, as the official code counts it
+    (lgcnsai/PS-KD-Pytorch main.py: `alpha_t = alpha_T * ((epoch + 1) / end_epoch)`): it grows
+    linearly and reaches alpha_T in the last epoch."""
+    return alpha_T * (epoch + 1) / epochs
+
+
+def pskd_targets(targets: torch.Tensor, teacher_probs: torch.Tensor, alpha: float) -> torch.Tensor:
+    """PS-KD's soft targets (1 - alpha) * one-hot(y) + alpha * P_{t-1}(x), in float32 (rows of `teacher_probs`)."""
+    one_hot = F.one_hot(targets, teacher_probs.shape[1]).float()
+    return (1 - alpha) * one_hot + alpha * teacher_probs.float()
+
+
+def pskd_loss(logits: torch.Tensor, targets: torch.Tensor, teacher_probs: torch.Tensor, alpha: float,
+              ignore_index: int | None = None) -> torch.Tensor:
+    """PS-KD (Kim et al., ICCV 2021, Eq. 5): mean over rows of H((1 - alpha) * y + alpha * P_{t-1}(x), P_t(x)).
+
+    `logits` (N, C), `targets` (N,) class ids, `teacher_probs` (N, C) the teacher's probabilities
+    for the same rows (last epoch's, detached), `alpha` the epoch's weight (`pskd_alpha`). The
+    cross-entropy is against the soft target, summed over classes (the official code's
+    `Custom_CrossEntropy_PSKD`). Rows whose target is `ignore_index` (padding tokens when the
+    rows are a sequence's positions over a vocabulary) count neither in the sum nor in the mean.
+    """
+    log_p = F.log_softmax(logits.float(), dim=1)
+    if ignore_index is None:
+        return -(pskd_targets(targets, teacher_probs.detach(), alpha) * log_p).sum(1).mean()
+    keep = targets != ignore_index
+    soft = pskd_targets(torch.where(keep, targets, 0), teacher_probs.detach(), alpha)
+    per_row = -(soft * log_p).sum(1) * keep
+    return per_row.sum() / keep.sum().clamp(min=1)
+
+
+def _kl_div_mean(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """`nn.KLDivLoss()`'s default reduction 'mean': the sum of q * (log q - log p) over all N*C entries,
+    divided by N*C. Written out: PyTorch warns that reduction='mean' will come to mean 'batchmean'."""
+    return F.kl_div(log_p, log_q, reduction="sum", log_target=True) / log_p.numel()
+
+
+def tfkd_self_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 multiplier: float) -> torch.Tensor:
+    """TF-KD_self's soft term: KLDivLoss()(log_softmax(s/T), softmax(t/T)) * T^2 * multiplier.
+
+    As yuanli2333/Teacher-free-Knowledge-Distillation `loss_kd_self`: KLDivLoss's default 'mean'
+    divides by N*C (not by N as `kd_kl_div` does), which `multiplier` offsets. Teacher detached."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=1)
+    log_q = F.log_softmax(teacher_logits.detach().float() / temperature, dim=1)
+    return _kl_div_mean(log_p, log_q) * temperature**2 * multiplier
+
+
+def tfkd_self_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                   alpha: float, multiplier: float) -> torch.Tensor:
+    """TF-KD_self (Yuan et al., CVPR 2020): (1 - alpha) * CE + alpha * `tfkd_self_kl`, the teacher a
+    pretrained model of the student's architecture (reference `loss_kd_self`)."""
+    return (1 - alpha) * cross_entropy(logits, targets) + alpha * tfkd_self_kl(logits, teacher_logits, temperature,
+                                                                                multiplier)
+
+
+def tfkd_reg_distribution(targets: torch.Tensor, num_classes: int, correct_prob: float = 0.99) -> torch.Tensor:
+    """TF-KD_reg's hand-designed teacher p^d (N, C): `correct_prob` on the true class, (1 - correct_prob)/(C - 1)
+    on each other one (reference `loss_kd_regularization`), in float32."""
+    p_d = torch.full((len(targets), num_classes), (1 - correct_prob) / (num_classes - 1), device=targets.device)
+    return p_d.scatter_(1, targets[:, None], correct_prob)
+
+
+def tfkd_reg_kl(logits: torch.Tensor, targets: torch.Tensor, temperature: float, multiplier: float,
+                correct_prob: float = 0.99) -> torch.Tensor:
+    """TF-KD_reg's soft term: KLDivLoss()(log_softmax(s), softmax(p^d / T)) * multiplier (mean over N*C).
+
+    As the reference: softmax is applied to p^d, a probability vector, which flattens it towards
+    uniform (at T=20, C=100 the true class gets about 1.05/C); the student is not divided by T, and
+    there is no T^2."""
+    p_d = tfkd_reg_distribution(targets, logits.shape[1], correct_prob)
+    return _kl_div_mean(F.log_softmax(logits.float(), dim=1), F.log_softmax(p_d / temperature, dim=1)) * multiplier
+
+
+def tfkd_reg_loss(logits: torch.Tensor, targets: torch.Tensor, temperature: float, alpha: float, multiplier: float,
+                  correct_prob: float = 0.99) -> torch.Tensor:
+    """TF-KD_reg (Yuan et al., CVPR 2020): (1 - alpha) * CE + alpha * `tfkd_reg_kl` (reference
+    `loss_kd_regularization`)."""
+    return (1 - alpha) * cross_entropy(logits, targets) + alpha * tfkd_reg_kl(logits, targets, temperature,
+                                                                               multiplier, correct_prob)

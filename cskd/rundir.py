@@ -5,6 +5,10 @@
       metrics.jsonl    one JSON line per finished epoch: {"epoch", "lr", "train": {...}, "test": {...}}
       checkpoint.pt    the last finished epoch: model, optimizer, scheduler, method state, RNG, progress
       best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test", "classes"}
+      test_logits.pt   the last finished epoch's test logits: {"epoch", "logits": (N, C) float16, "labels": (N,)
+                       int64}, in test-set order; the final epoch's once the run is done (ensembles, figures).
+                       2 MB for CIFAR-100, 100 MB for ImageNet's 50,000 x 1,000
+      best_test_logits.pt  the same for the epoch of best.pt
       summary.json     written once, last: the run is done (`build_summary` below)
       reliability.png  the final epoch's reliability diagram
       job.json         written by launch/ (who runs the run, where its log is); not the trainer's
@@ -29,7 +33,9 @@ from cskd.metrics import METRIC_NAMES
 CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, JOB, LOCK = (
     "config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "reliability.png", "job.json",
     "run.lock")
-ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY)  # the trainer's files; --force removes them
+TEST_LOGITS, BEST_TEST_LOGITS = "test_logits.pt", "best_test_logits.pt"
+# the trainer's files; --force removes them
+ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, TEST_LOGITS, BEST_TEST_LOGITS)
 SUMMARY_SCHEMA = 1
 BEST_NOTE = "best = the epoch of lowest test top1_err; it selects on the test set, like the references"
 

@@ -37,8 +37,10 @@ from cskd.plots import reliability_diagram
 from cskd.progress import EpochProgress, log
 
 
-def lr_milestones(epochs: int, schedule: str) -> list[int]:
+def lr_milestones(epochs: int, schedule: str, milestones: list[int] = ()) -> list[int]:
     """Epoch indices from which the LR is divided by 10 (once per milestone)."""
+    if schedule == "milestones":
+        return list(milestones)
     half, three_quarters = math.ceil(epochs / 2), math.ceil(3 * epochs / 4)
     if schedule == "step_reference":  # adjust_learning_rate(epoch) runs after the epoch: one late
         return [half + 1, three_quarters + 1]
@@ -199,10 +201,11 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     net = net.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
     ckpt.seed_everything(cfg.seed + env.rank)
     method.bind(MethodContext(env.device, dataset.num_classes, len(dataset.labels["train"]), env.rank,
-                              env.world_size, cfg.epochs, dataset.meta.get("classes")))
+                              env.world_size, cfg.epochs, dataset.meta.get("classes"), spec.batch_per_rank))
     optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule), 0.1)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
+                                                                                    cfg.lr_milestones), 0.1)
     shard = Shard(env.rank, env.world_size)
     run = Run(cfg, env, dataset, method, net, net, optimizer, scheduler, train_loader(spec, shard),
               eval_loader(spec, shard), Progress())
@@ -218,11 +221,15 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     return run
 
 
-def _save_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict, bins: dict, wall_s: float,
-                rng: list) -> None:
-    """Rank 0: record the epoch, then metrics.jsonl, checkpoint.pt and (if it is the best) best.pt."""
+def _save_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict, bins: dict, outputs: dict,
+                wall_s: float, rng: list) -> None:
+    """Rank 0: record the epoch, then the test logits, metrics.jsonl, checkpoint.pt and (if it is the
+    best) best.pt. The logits go first: a checkpoint never names an epoch newer than they are."""
     cfg = run.cfg
     record, improved = run.progress.record(epoch, lr, train, test, bins, wall_s)
+    ckpt.save_test_logits(os.path.join(cfg.out_dir, rundir.TEST_LOGITS), epoch, outputs)
+    if improved:
+        ckpt.save_test_logits(os.path.join(cfg.out_dir, rundir.BEST_TEST_LOGITS), epoch, outputs)
     model_state = run.net.state_dict()
     ckpt.save(os.path.join(cfg.out_dir, rundir.CHECKPOINT), {
         **dataclasses.asdict(run.progress), "model": model_state, "optimizer": run.optimizer.state_dict(),
@@ -243,13 +250,13 @@ def train_loop(run: Run) -> None:
         start = time.perf_counter()
         lr = run.optimizer.param_groups[0]["lr"]
         train_stats = train_one_epoch(run.model, run.method, run.train_loader, run.optimizer, epoch, cfg, env)
-        test_metrics, bins = evaluate(run.net, run.test_loader, env, cfg.ece_bins,
-                                      run.dataset.meta.get("superclass_of_class"))
+        test_metrics, bins, outputs = evaluate(run.net, run.test_loader, env, cfg.ece_bins,
+                                               run.dataset.meta.get("superclass_of_class"))
         run.scheduler.step()
         wall_s = time.perf_counter() - start
         rng = D.all_gather_objects(ckpt.rng_state())
         if env.is_main:
-            _save_epoch(run, epoch, lr, train_stats, test_metrics, bins, wall_s, rng)
+            _save_epoch(run, epoch, lr, train_stats, test_metrics, bins, outputs, wall_s, rng)
 
 
 def finish(run: Run) -> dict | None:

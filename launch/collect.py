@@ -5,12 +5,21 @@ Runs are found as DIR/**/summary.json, wherever they lie, and grouped by what ea
 paper's Tables 1-3, each model gets a table with one row per method (cross-entropy first) and one
 column per dataset; a cell is mean ± sample std (ddof=1) over the seeds with the relative change
 vs. the cross-entropy row in parentheses, and the number of seeds behind it ("21.99±0.13 (-11.0%)
-n=3"). A grid whose grid.json declares the paper table it reproduces (`"paper": {"paper": "cskd2020",
-"table": "1"}`) is reported apart, with the paper's numbers beside ours and the cells that differ by more
-than chance marked, for every metric of that table and both epochs (launch/paper.py). Below the tables
-come the runs that are not done, by state, from the launcher's grid.json manifests (launch/runs.py).
-The report is also written to DIR/results.md, with DIR/results.csv (both epochs; with the columns of
-`launch.paper.COLUMNS` when a grid declares a paper table) and one
+n=3"). A grid whose grid.json declares the paper table(s) it reproduces (`"paper": {"paper": "cskd2020",
+"table": "1"}`, or a list of such) is reported apart, with the paper's numbers beside ours and the cells
+that differ by more than chance marked, for every metric of that table and both epochs (launch/paper.py).
+
+Ensembles: each (dataset, model, label) group of >= 2 finished runs is also scored as an ensemble, the
+mean of its runs' softmax probabilities (cskd.ensemble, from the test logits each run dir keeps; each
+file is loaded once), at the final epochs and at the runs' best epochs, in a section "Ensembles
+(average of the seeds' softmax)" and in results.csv (epoch `final-ensemble` / `best-ensemble`, every
+metric but r_at_1, std empty, n = runs). A declared table of ensembles (PS-KD Table 3) is compared with
+these. A group that cannot be ensembled (a run finished before test logits were kept, say) is listed
+there with the reason; a DIR whose runs keep no test logits at all has no such section.
+
+Below the tables come the runs that are not done, by state, from the launcher's grid.json manifests
+(launch/runs.py). The report is also written to DIR/results.md, with DIR/results.csv (both epochs; with
+the columns of `launch.paper.COLUMNS` when a grid declares a paper table) and one
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
 `--status` prints only each grid's run counts and its unfinished runs.
 
@@ -35,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cskd import rundir
+from cskd.ensemble import METRICS as ENSEMBLE_METRICS
+from cskd.ensemble import ensemble_runs
 from cskd.errors import CskdError, RunDirError, one_line
 from cskd.fileio import write_text
 from cskd.metrics import METRIC_NAMES
@@ -50,6 +61,8 @@ UNITS = {"top1_err": "%", "top5_err": "%", "ece": "%", "r_at_1": "%", "nll": "na
          "eaurc": "×1000"}
 NOT_DONE = ("missing", "pending", "running", "failed", "cancelled", "unknown")
 COUNTED = ("done", "pending", "running", "failed", "cancelled", "missing")  # 'unknown' only when it occurs
+ENSEMBLE_OF = dict(zip(EPOCHS, paper.ENSEMBLE_EPOCHS))  # final -> final-ensemble: the ensemble of the final epochs
+ENSEMBLES = "Ensembles (average of the seeds' softmax)"
 CELLS = (f"Mean ± sample std (ddof=1) over seeds, n = number of seeds (std 0.00 when n=1); in parentheses the "
          f"relative change of the mean vs. the {BASELINE} row of the same dataset and model.")
 
@@ -119,9 +132,7 @@ def aggregate(results: list[Summary], metric: str, epochs=EPOCHS) -> list[dict]:
             if isinstance(value, (int, float)):
                 values.append(float(value))
     rows = []
-    for (dataset, model, label, kind), values in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                                        _label_order(kv[0][2]),
-                                                                                        kv[0][3])):
+    for (dataset, model, label, kind), values in sorted(groups.items(), key=_row_order):
         mean = statistics.fmean(values) if values else None
         std = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
         base = groups.get((dataset, model, BASELINE, kind))
@@ -133,9 +144,18 @@ def aggregate(results: list[Summary], metric: str, epochs=EPOCHS) -> list[dict]:
     return rows
 
 
+def _row_order(item: tuple) -> tuple:
+    """Rows by dataset, model, label (ce first) and epoch kind; `item` is ((dataset, model, label, kind), ...)."""
+    (dataset, model, label, kind), _ = item
+    return dataset, model, _label_order(label), kind
+
+
 def _cell(row: dict) -> str:
+    if row["mean"] is None:
+        return "–"
     rel = f" ({row['rel_vs_ce_pct']:+.1f}%)" if row["rel_vs_ce_pct"] is not None else ""
-    return f"{row['mean']:.2f}±{row['std']:.2f}{rel} n={row['n']}"
+    std = "" if row["std"] is None else f"±{row['std']:.2f}"  # an ensemble has none
+    return f"{row['mean']:.2f}{std}{rel} n={row['n']}"
 
 
 def markdown_tables(rows: list[dict], epoch: str = "final") -> str:
@@ -147,12 +167,93 @@ def markdown_tables(rows: list[dict], epoch: str = "final") -> str:
         datasets = sorted({r["dataset"] for r in mine})
         cells = {(r["method"], r["dataset"]): _cell(r) for r in mine}
         metric = mine[0]["metric"]
-        lines = [f"**{model}** — {metric} ({UNITS[metric]}), {epoch} epoch", "",
+        lines = [f"**{model}** — {metric} ({UNITS[metric]}), {paper.epoch_text(epoch)}", "",
                  "| method | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
         for label in sorted({r["method"] for r in mine}, key=_label_order):
             lines.append(f"| {label} | " + " | ".join(cells.get((label, d), "–") for d in datasets) + " |")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) + "\n"
+
+
+class Ensembles:
+    """The ensembles (`cskd.ensemble.ensemble_runs`) of groups of finished runs, each computed once per epoch kind,
+    so that a report loads each test logits file once; a group that cannot be ensembled keeps the reason."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.results: dict[tuple, dict | str] = {}
+        self.names: dict[tuple, str] = {}
+
+    def of(self, runs: list[Summary], epoch: str) -> dict | str:
+        """The ensemble of `runs` at their `epoch` (final/best): ensemble_runs' dict, or why there is none."""
+        dirs = tuple(sorted(r.path.parent for r in runs))
+        if (dirs, epoch) not in self.results:
+            self.names[dirs] = f"{runs[0].dataset} / {runs[0].model} / {runs[0].label}"
+            try:
+                self.results[(dirs, epoch)] = ensemble_runs(list(dirs), epoch)
+            except CskdError as e:
+                self.results[(dirs, epoch)] = str(e).replace(f"{self.root}{os.sep}", "")
+        return self.results[(dirs, epoch)]
+
+    def failed(self) -> list[str]:
+        """One line per group not ensembled at some epoch kind: the group, its runs, the kinds and the reason."""
+        lines = []
+        for dirs, name in sorted(self.names.items(), key=lambda kv: kv[1]):
+            why = {e: self.results[(dirs, e)] for e in EPOCHS if isinstance(self.results.get((dirs, e)), str)}
+            if why:
+                lines.append(f"- {one_line(name)} ({len(dirs)} runs), {' and '.join(why)}: {next(iter(why.values()))}")
+        return lines
+
+
+def ensemble_rows(results: list[Summary], metric: str, ensembles: Ensembles, single: bool = False) -> list[dict]:
+    """`aggregate`'s rows for the ensembles of the (dataset, model, label) groups of >= 2 runs (`single`: also
+    of one run, without a value), epoch `final-ensemble`/`best-ensemble`: mean = the ensemble's `metric`
+    (None where the group cannot be ensembled), std None, n = runs ensembled, relative change vs. the ce
+    ensemble."""
+    groups: dict[tuple, list[Summary]] = {}
+    for r in results:
+        groups.setdefault((r.dataset, r.model, r.label), []).append(r)
+    values: dict[tuple, tuple[float | None, int]] = {}
+    for key, runs in groups.items():
+        if len(runs) < 2 and not single:
+            continue
+        for epoch in EPOCHS:
+            result = ensembles.of(runs, epoch) if len(runs) > 1 else None
+            value = result.get(metric) if isinstance(result, dict) else None
+            values[(*key, ENSEMBLE_OF[epoch])] = (value, len(runs)) if isinstance(value, (int, float)) else (None, 0)
+    rows = []
+    for (dataset, model, label, kind), (value, n) in sorted(values.items(), key=_row_order):
+        base = values.get((dataset, model, BASELINE, kind), (None, 0))[0]
+        rel = 100.0 * (value - base) / base if label != BASELINE and value is not None and base else None
+        rows.append({"dataset": dataset, "model": model, "method": label, "epoch": kind, "metric": metric,
+                     "mean": value, "std": None, "n": n, "rel_vs_ce_pct": rel})
+    return rows
+
+
+def ensemble_text(rows: list[dict], metric: str, epoch: str, failed: list[str]) -> str:
+    """The report's ensemble section: `markdown_tables` of the ensembles' `metric` at `epoch`, what the cells
+    are, and the groups not ensembled."""
+    mine = [r for r in rows if r["metric"] == metric and r["epoch"] == ENSEMBLE_OF[epoch]]
+    if metric not in ENSEMBLE_METRICS:
+        body = (f"{metric} is not defined for an ensemble: it needs one model's test features (the ensembles' other "
+                f"metrics: --metric {', '.join(ENSEMBLE_METRICS)}).\n")
+    else:
+        body = markdown_tables(mine, ENSEMBLE_OF[epoch]) if mine else "No group could be ensembled.\n"
+    text = (f"**{ENSEMBLES}** — each (dataset, model, method) group of ≥ 2 finished runs as one model predicting "
+            f"the mean of the runs' softmax probabilities (python -m cskd.ensemble); at the final epoch = of the "
+            f"runs' final epochs, at the best epoch = of each run's own best epoch.\n\n{body}\nCells: the ensemble's "
+            f"value, in parentheses its relative change vs. the {BASELINE} ensemble of the same dataset and model, "
+            f"n = runs ensembled (no std: one ensemble per group). results.csv has every metric but r_at_1 of every "
+            f"ensemble at both epochs (epoch final-ensemble / best-ensemble).\n")
+    if failed:
+        text += f"\nNot ensembled ({len(failed)} group(s)):\n" + "\n".join(failed) + "\n"
+    return text
+
+
+def _keeps_logits(results: list[Summary]) -> bool:
+    """Whether any run dir of `results` keeps test logits (runs from before they were kept have none)."""
+    return any((r.path.parent / name).is_file() for r in results for name in (rundir.TEST_LOGITS,
+                                                                               rundir.BEST_TEST_LOGITS))
 
 
 def footnote(results: list[Summary], cells: str = CELLS) -> str:
@@ -320,11 +421,20 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
     declared, bad_declarations = paper.read_declarations(root, manifests[0])
     plain, by_table = paper.split_by_paper(results, declared)
     rows = aggregate(plain, metric)
-    paper_blocks, paper_rows = paper.tables(by_table, aggregate)
+    ensemble_tables = any(paper.load_tables()[key].ensemble for key in by_table)
+    ensembles = Ensembles(root)
+    ensembled = []
+    if ensemble_tables or _keeps_logits(results):
+        ensembled = [row for m in ENSEMBLE_METRICS for row in ensemble_rows(results, m, ensembles)]
+    paper_blocks, paper_rows = paper.tables(by_table, aggregate, lambda group, m: ensemble_rows(group, m, ensembles,
+                                                                                                single=True))
     blocks = [markdown_tables(rows, epoch) + "\n" + footnote(plain)] if plain else []
     if paper_blocks:
         reproduced = [s for _, group in by_table.values() for s in group]
-        blocks.append("\n".join(paper_blocks) + "\n" + footnote(reproduced, paper.legend()))
+        blocks.append("\n".join(paper_blocks) + "\n" + footnote(reproduced, paper.legend(ensemble_tables)))
+    ensembled = [r for r in ensembled if r["mean"] is not None]
+    if ensembles.results:
+        blocks.append(ensemble_text(ensembled, metric, epoch, ensembles.failed()))
     tables = "\n".join(blocks) or f"no finished runs (summary.json) under {root}\n"
     parts = (tables, paper.declarations_text(bad_declarations), not_done_text(root, run_statuses(grids, unreadable)),
              unreadable_text(root, unreadable))
@@ -335,7 +445,7 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
     if unreadable:
         _warn(f"{len(unreadable)} summary.json/grid.json file(s) under {root} could not be read; they are listed "
               f"under 'Unreadable files' in the report")
-    csv_rows = csv_text(rows + paper_rows, with_paper=bool(paper_rows))
+    csv_rows = csv_text(rows + ensembled + paper_rows, with_paper=bool(paper_rows))
     return Report(text, _write_files(root, out_stem, text, csv_rows, results), unreadable)
 
 

@@ -2,8 +2,10 @@
 
 A grid YAML names a base config (or a `config:` axis of config files), axes (dotted config keys ->
 lists, crossed), fixed overrides, rules (overrides for the runs matching some values, e.g. lambda=3
-on fine-grained sets), seeds, Slurm resources and, optionally, the paper table it reproduces
-(`paper: {paper: cskd2020, table: "1"}`, recorded in the grid's manifest for `collect`).
+on fine-grained sets), seeds, Slurm resources and, optionally, the paper table(s) it reproduces
+(`paper: {paper: cskd2020, table: "1"}`, or a list of such mappings, e.g. PS-KD's Table 1 and its
+ensembles' Table 3: `paper: [{paper: pskd2021, table: "1"}, {paper: pskd2021, table: "3"}]`), recorded
+in the grid's manifest for `collect`.
 
 Everything is checked here, before anything is written or submitted: unknown keys, empty axes,
 rules on unknown config keys, every run dir a distinct directory under the output root (two runs
@@ -113,13 +115,20 @@ def load_grid(grid_path: Path) -> dict:
 
 
 def _check_paper(paper, where: str) -> None:
-    """`paper:` names the paper table the grid reproduces: exactly {paper: <id>, table: <id>}, both strings."""
+    """`paper:` names the paper table(s) the grid reproduces: exactly {paper: <id>, table: <id>}, both strings,
+    or a non-empty list of such mappings, each table once."""
     if paper is None:
         return
-    if not isinstance(paper, dict) or set(paper) != PAPER_KEYS or not all(
-            isinstance(v, str) and v.strip() and unprintable(v) is None for v in paper.values()):
+    entries = paper if isinstance(paper, list) else [paper]
+    if not entries or not all(isinstance(e, dict) and set(e) == PAPER_KEYS and all(
+            isinstance(v, str) and v.strip() and unprintable(v) is None for v in e.values()) for e in entries):
         raise ConfigError(f"{where}: 'paper' must be a mapping of exactly the string keys 'paper' and 'table', "
-                          f"e.g. paper: {{paper: cskd2020, table: \"1\"}} (quote a numeric table), got {paper!r}")
+                          f"e.g. paper: {{paper: cskd2020, table: \"1\"}} (quote a numeric table), or a non-empty "
+                          f"list of them, e.g. paper: [{{paper: pskd2021, table: \"1\"}}, {{paper: pskd2021, "
+                          f"table: \"3\"}}], got {paper!r}")
+    twice = next((e for i, e in enumerate(entries) if e in entries[:i]), None)
+    if twice is not None:
+        raise ConfigError(f"{where}: 'paper' lists {twice!r} twice; remove the duplicate")
 
 
 def _check_seeds(seeds, where: str) -> None:
@@ -161,8 +170,8 @@ def grid_name(grid_path: Path) -> str:
     return _grid_name(load_grid(grid_path), grid_path)
 
 
-def grid_paper(grid_path: Path) -> dict | None:
-    """The paper table the grid declares ({paper, table}), or None."""
+def grid_paper(grid_path: Path) -> dict | list[dict] | None:
+    """The paper table(s) the grid declares ({paper, table}, or a list of them), or None."""
     return load_grid(grid_path).get("paper")
 
 

@@ -1,8 +1,8 @@
 """Where each run of a grid stands: done, pending, running, failed, cancelled or missing.
 
 The launcher leaves two kinds of record, both written atomically:
-- `<root>/grid.json`, the manifest: the grid's name, the paper table it reproduces (its `paper:`
-  declaration, `{"paper", "table"}`, or null) and every run it expands to (run id, run dir relative
+- `<root>/grid.json`, the manifest: the grid's name, the paper tables it reproduces (its `paper:`
+  declaration, `{"paper", "table"}` or a list of them, or null) and every run it expands to (run id, run dir relative
   to the root, dataset, model, method label, seed), so a run that never started is reported as
   missing rather than silently absent from the table;
 - `<run dir>/job.json`: who runs it (`slurm` with the job id, or `local` with the launcher's and the

@@ -7,6 +7,7 @@ The grid under test (top1_err, final / best epoch):
 """
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -308,3 +309,107 @@ def test_a_column_pooling_two_conversions_is_flagged(tmp_path):
     assert "Warning: the cifar100 column pools runs on 2 different conversions" in collect.report(root)
     (root / "cifar100" / "m" / "ce" / "seed2" / "summary.json").unlink()
     assert "Warning" not in collect.report(root)
+
+
+# Ensembles: 4 test samples of 3 classes, labels 0, 1, 2, 0. A run's softmax gives 0.6 to one class and 0.2 to the
+# others: to the label (C, right) or to the next class (W, wrong). By seed (final epoch; best: all right):
+#   ce    W C C C | W W C C | W C C C   (25%, 50%, 25% wrong)
+#   cskd  C C C W | C C C C | C C C C   (25%, 0%, 0%)
+#   ls    two seeds, seed1 without logits files (a run from before they were kept);  adacos one seed
+ENSEMBLE_LABELS = [0, 1, 2, 0]
+
+
+def save_logits(run_dir, rights, best_rights=None):
+    """The run dir's test_logits.pt (epoch 9) and best_test_logits.pt (epoch 4): `rights` says per sample whether
+    the run is right (C) or wrong (W)."""
+    import torch
+
+    def log_probs(rights):
+        probs = torch.full((len(rights), 3), 0.2, dtype=torch.float64)
+        for i, (label, right) in enumerate(zip(ENSEMBLE_LABELS, rights)):
+            probs[i, label if right else (label + 1) % 3] = 0.6
+        return probs.log().half()
+
+    for name, epoch, pattern in (("test_logits.pt", 9, rights), ("best_test_logits.pt", 4, best_rights or [1] * 4)):
+        torch.save({"epoch": epoch, "logits": log_probs(pattern), "labels": torch.tensor(ENSEMBLE_LABELS)},
+                   run_dir / name)
+
+
+@pytest.fixture
+def ensemble_root(tmp_path):
+    root = tmp_path / "runs"
+    patterns = {"ce": [[0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]], "cskd": [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 1]]}
+    dirs = []
+    for method, seeds in patterns.items():
+        for seed, rights in enumerate(seeds):
+            save_logits(add_run(root, "d", "m", method, seed, final=1.0, best=1.0), rights)
+            dirs.append(f"d/m/{method}/seed{seed}")
+    save_logits(add_run(root, "d", "m", "ls", 0, final=1.0, best=1.0), [1, 1, 1, 1])
+    add_run(root, "d", "m", "ls", 1, final=1.0, best=1.0)
+    save_logits(add_run(root, "d", "m", "adacos", 0, final=1.0, best=1.0), [1, 1, 1, 1])
+    manifest(root, "e", dirs + ["d/m/ls/seed0", "d/m/ls/seed1", "d/m/adacos/seed0"])
+    return root
+
+
+def heading_table(text, heading):
+    """{method: {dataset: cell}} of the table under the line `heading`."""
+    lines = text.splitlines()
+    block = []
+    for line in lines[lines.index(heading) + 2:]:
+        if not line.startswith("|"):
+            break
+        block.append([c.strip() for c in line.strip("|").split("|")])
+    return {row[0]: dict(zip(block[0][1:], row[1:])) for row in block[2:]}
+
+
+def test_ensemble_section_and_csv_rows(ensemble_root):
+    text = collect.report(ensemble_root)
+    section = text[text.index("**Ensembles (average of the seeds' softmax)**"):]
+    cells = heading_table(section, "**m** — top1_err (%), final epoch (ensemble)")
+    # ce: sample 0 wrong in all three (0.6 on class 1): wrong; sample 1 C W C: label (0.6 + 0.2 + 0.6) / 3 = 0.467
+    # vs 0.333: right; samples 2, 3 right -> 25% wrong. cskd: sample 3 C C W -> right: 0% wrong, -100% vs ce
+    assert cells == {"ce": {"d": "25.00 n=3"}, "cskd": {"d": "0.00 (-100.0%) n=3"}}  # ls: listed below
+    assert "- d / m / ls (2 runs), final and best: d/m/ls/seed1 has no test_logits.pt: it finished before" in section
+    assert "adacos" not in section  # one run: no ensemble
+    assert table(text, "m")[0]["ce"]["d"] == "1.00±0.00 n=3"  # the per-seed table is still the first
+    best = heading_table(collect.report(ensemble_root, epoch="best"), "**m** — top1_err (%), best epoch (ensemble)")
+    assert best == {"ce": {"d": "0.00 n=3"}, "cskd": {"d": "0.00 n=3"}}  # no relative change vs. 0
+    nll = heading_table(collect.report(ensemble_root, "nll"), "**m** — nll (nats), final epoch (ensemble)")
+    assert nll["ce"]["d"] == f"{-(math.log(0.2) + math.log(1.4 / 3) + 2 * math.log(0.6)) / 4:.2f} n=3"
+    assert "r_at_1 is not defined for an ensemble" in collect.report(ensemble_root, "r_at_1")
+
+    with open(ensemble_root / "results.csv") as f:
+        reader = csv.DictReader(f)
+        rows = {(r["method"], r["metric"], r["epoch"]): r for r in reader}
+    assert reader.fieldnames == ["dataset", "model", "method", "metric", "epoch", "mean", "std", "n", "rel_vs_ce_pct"]
+    ce = rows[("ce", "top1_err", "final-ensemble")]
+    assert (float(ce["mean"]), ce["std"], ce["n"], ce["rel_vs_ce_pct"]) == (25.0, "", "3", "")
+    assert float(rows[("cskd", "top1_err", "final-ensemble")]["rel_vs_ce_pct"]) == -100.0
+    assert float(rows[("ce", "top1_err", "best-ensemble")]["mean"]) == 0.0
+    # half float logits: log(0.2) and log(0.6) are rounded to 1e-3 relative
+    assert float(rows[("ce", "nll", "final-ensemble")]["mean"]) == pytest.approx(
+        -(math.log(0.2) + math.log(1.4 / 3) + 2 * math.log(0.6)) / 4, abs=2e-3)
+    assert {m for m, metric, e in rows if e == "final-ensemble"} == {"ce", "cskd"}  # not ls, not adacos
+    assert {metric for _, metric, e in rows if e == "best-ensemble"} == {"top1_err", "top5_err", "nll", "ece", "aurc",
+                                                                         "eaurc"}
+    assert ("ce", "r_at_1", "final-ensemble") not in rows and len(rows) == 2 * 4 + 2 * 2 * 6  # 4 labels, per seed
+
+
+def test_ensembles_load_each_logits_file_once(ensemble_root, monkeypatch):
+    from cskd import ensemble
+
+    loaded = []
+    real = ensemble.load
+
+    def counting(path):
+        loaded.append(path)
+        return real(path)
+
+    monkeypatch.setattr(ensemble, "load", counting)
+    collect.report(ensemble_root)
+    # 6 runs of ce/cskd x 2 files; none of ls: its seed1's missing file is found before any is read
+    assert len(loaded) == len(set(loaded)) == 2 * 6
+
+
+def test_a_root_without_logits_has_no_ensemble_section(root):
+    assert "Ensembles" not in collect.report(root) and "ensemble" not in (root / "results.csv").read_text()

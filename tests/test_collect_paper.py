@@ -205,3 +205,90 @@ def test_paper_numbers_file():
     dogs = tables[("cskd2020", "1")].records[("dogs", "resnet18", "cskd", "top1_err")]
     assert (dogs.mean, dogs.std, dogs.n, dogs.epochs) == (30.85, 0.28, 3, 200)
     assert tables[("pskd2021", "1")].records[("cifar100", "preact_resnet18", "pskd", "ece")].std is None
+
+
+# PS-KD Table 3 (the ensembles of Table 1's three seeds): 100 test samples of 3 classes, labels i % 3. A seed gives
+# 0.6 to the label (right) or to the next class (wrong) and 0.2 to the others. ce: all seeds wrong on samples 0-20,
+# each seed also on one more sample of its own (2 of 3 right there: the ensemble is right) -> 21% ensemble error;
+# pskd: all wrong on 0-24 -> 25%.
+T3_WRONG = {"ce": 21, "pskd": 25}
+
+
+def t3_run(root, method, seed, logits=True):
+    """A finished cifar100/preact_resnet18 run with config.yaml and (`logits`) its test logits files."""
+    import torch
+
+    top1 = {"top1_err": 20.0 + seed}
+    run = root / add_run(root, "cifar100", "preact_resnet18", method, seed, top1, top1)
+    (run / "config.yaml").write_text(f"method: {method}\nseed: {seed}\n")
+    if logits:
+        labels = torch.arange(100) % 3
+        wrong = torch.zeros(100, dtype=torch.bool)
+        wrong[:T3_WRONG[method]] = True
+        wrong[50 + seed] = True
+        probs = torch.full((100, 3), 0.2, dtype=torch.float64)
+        probs[torch.arange(100), torch.where(wrong, (labels + 1) % 3, labels)] = 0.6
+        for name, epoch in (("test_logits.pt", 199), ("best_test_logits.pt", 150)):
+            torch.save({"epoch": epoch, "logits": probs.log().half(), "labels": labels}, run / name)
+    return str(run.relative_to(root))
+
+
+T3_DECLARED = [{"paper": "pskd2021", "table": "1"}, {"paper": "pskd2021", "table": "3"}]
+
+
+def test_a_table_of_ensembles_is_compared_with_our_ensembles(tmp_path):
+    root = tmp_path / "runs"
+    grid(root, "pskd", [t3_run(root, m, s) for m in T3_WRONG for s in range(3)], T3_DECLARED)
+    text = collect.report(root)
+    ens = section(text, "**preact_resnet18** — top1_err (%), final epoch (ensemble): ours vs pskd2021 Table 3")
+    # no std on either side: the fixed 1.0-point tolerance; |21 - 21.36| = 0.36 <= 1, |25 - 18.79| = 6.21 > 1
+    assert ens == {"ce": {"cifar100": "21.00 n=3 vs 21.36 (-0.36)"},
+                   "pskd": {"cifar100": "25.00 n=3 vs 18.79 (+6.21) ⚠"}}
+    best = section(text, "**preact_resnet18** — top1_err (%), best epoch (ensemble): ours vs pskd2021 Table 3")
+    assert best["ce"]["cifar100"] == "21.00 n=3 vs 21.36 (-0.36)"
+    assert "nll (nats), final epoch (ensemble): ours vs pskd2021 Table 3" in text
+    assert "Ours: the ensemble of each method's seeds (the mean of their softmax probabilities), n = runs." in text
+    assert "In a table of ensembles (agg ensemble_3models)" in text
+    # the same runs' Table 1 is the per-seed means, as before: 20, 21, 22 -> 21 ± 1
+    t1 = section(text, "**preact_resnet18** — top1_err (%), final epoch: ours vs pskd2021 Table 1")
+    assert t1["ce"]["cifar100"].startswith("21.00±1.00 n=3 vs ")
+    assert "final epoch (ensemble): ours vs pskd2021 Table 1" not in text
+    with open(root / "results.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["epoch"] == "final-ensemble" and r["metric"] == "top1_err"]
+    compared = {r["method"]: r for r in rows if r["paper"] == "pskd2021 Table 3"}
+    ce = compared["ce"]
+    assert (float(ce["mean"]), ce["std"], ce["n"], float(ce["paper_mean"]), ce["paper_std"]) == (
+        pytest.approx(21.0), "", "3", 21.36, "")
+    assert (float(ce["diff"]), float(ce["threshold"]), ce["flag"]) == (pytest.approx(-0.36), 1.0, "0")
+    assert compared["pskd"]["flag"] == "1"
+    assert {r["method"] for r in rows if r["paper"] == ""} == {"ce", "pskd"}  # and among all ensembles
+
+
+def test_a_table_of_ensembles_without_logits_shows_the_papers_numbers(tmp_path):
+    root = tmp_path / "runs"
+    dirs = [t3_run(root, "ce", s, logits=s != 1) for s in range(3)] + [t3_run(root, "pskd", 0)]
+    grid(root, "pskd", dirs, [{"paper": "pskd2021", "table": "3"}, {"paper": "pskd2021", "table": "99"}])
+    text = collect.report(root)
+    ens = section(text, "**preact_resnet18** — top1_err (%), final epoch (ensemble): ours vs pskd2021 Table 3")
+    assert ens == {"ce": {"cifar100": "– vs 21.36"}, "pskd": {"cifar100": "– vs 18.79"}}  # pskd: one run only
+    assert ("- cifar100 / preact_resnet18 / ce (3 runs), final and best: cifar100/preact_resnet18/ce/seed1 has no "
+            "test_logits.pt") in text
+    # a list may name a table without numbers: that one is listed, the others are used
+    assert "- grid.json: pskd2021 table 99 has no numbers in paper_numbers.yaml" in text
+
+
+def test_the_grid_file_takes_a_list_of_tables(tmp_path):
+    import yaml
+
+    from cskd.errors import ConfigError
+    from launch import gridspec
+
+    path = tmp_path / "g.yaml"
+    path.write_text(yaml.safe_dump({"base": "configs/mnist5k_small_cnn.yaml", "paper": T3_DECLARED}))
+    assert gridspec.grid_paper(path) == T3_DECLARED  # as grid.json records it
+    for bad, fragment in (([], "or a non-empty list of them"), ([T3_DECLARED[0], {"paper": "pskd2021"}], "got"),
+                          ([T3_DECLARED[0], T3_DECLARED[0]], "lists {'paper': 'pskd2021', 'table': '1'} twice")):
+        path.write_text(yaml.safe_dump({"base": "configs/mnist5k_small_cnn.yaml", "paper": bad}))
+        with pytest.raises(ConfigError, match=fragment) as refused:
+            gridspec.load_grid(path)
+        assert "\n" not in str(refused.value)

@@ -52,8 +52,8 @@ def test_wrong_types():
 def test_names_and_ranges():
     with pytest.raises(ConfigError, match=r"unknown model 'resnet'; valid models: densenet121, densenet121_bc_cifar, preact_resnet10, .*, small_cnn$"):
         load_config(None, ["model=resnet"])
-    with pytest.raises(ConfigError, match=r"unknown method 'pskd'; valid methods: adacos, byot, ce, cskd, .*, vsoftmax$"):
-        load_config(None, ["method=pskd"])
+    with pytest.raises(ConfigError, match=r"unknown method 'fskd'; valid methods: adacos, byot, ce, cskd, .*, vsoftmax$"):
+        load_config(None, ["method=fskd"])
     with pytest.raises(ConfigError, match=r"'lr_schedule' must be one of"):
         load_config(None, ["lr_schedule=cosine"])
     with pytest.raises(ConfigError, match=r"'batch_size' must be > 0"):

@@ -109,8 +109,8 @@ def test_evaluate_is_float32_inside_autocast():
     model = build_model("small_cnn", 10).eval()
     batches = [(torch.randn(50, 3, 32, 32), torch.randint(0, 10, (50,)), torch.arange(50) + 50 * i) for i in range(2)]
     env = D.DistEnv(0, 1, 0, torch.device("cpu"))
-    plain, _ = evaluate(model, batches, env)
+    plain, _, _ = evaluate(model, batches, env)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(batches[0][0]).dtype == torch.bfloat16  # autocast is really on here
-        inside, _ = evaluate(model, batches, env)
+        inside, _, _ = evaluate(model, batches, env)
     assert inside == plain and plain["samples"] == 100

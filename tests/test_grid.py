@@ -27,7 +27,9 @@ def test_demo_grid_cskd_beats_ce_on_every_paired_seed(tmp_path):
     table = (tmp_path / "runs" / "results.md").read_text()
     assert table in res.stdout
     rows = {r["method"] + "/" + r["epoch"]: r for r in csv.DictReader(open(tmp_path / "runs" / "results.csv"))}
-    assert set(rows) == {"ce/final", "ce/best", "cskd/final", "cskd/best"}
+    # the seeds' means, and their 3-model ensembles (the runs keep their test logits)
+    assert set(rows) == {f"{m}/{e}" for m in ("ce", "cskd") for e in ("final", "best", "final-ensemble",
+                                                                     "best-ensemble")}
     assert all(r["n"] == "3" for r in rows.values())
     assert float(rows["cskd/final"]["rel_vs_ce_pct"]) < 0
     assert float(rows["ce/final"]["mean"]) == pytest.approx(sum(final[("ce", s)] for s in range(3)) / 3)

@@ -1,13 +1,15 @@
-"""Every method of the CS-KD paper trains end to end on the real MNIST sample: few runs, shared.
+"""Every method of the CS-KD and PS-KD papers trains end to end on the real MNIST sample: few runs, shared.
 
 Three local grids (launch/grid.py, two runs at a time), then kills:
-1. `ce` on 3 seeds and `cskd` on seed 0 (4 epochs): CS-KD's run is the KD teacher below (that CS-KD
+1. `ce` on 3 seeds and `cskd` on seed 0 (4 epochs): CS-KD's run is the KD and TF-KD teacher below (that CS-KD
    beats CE on each of 3 paired seeds is asserted by the demo grid's test, tests/test_grid.py);
 2. `ls`, `cskd_e`, `mixup_cskd` and `kd_cskd` on the same 3 seeds: each must reach a test error
    below twice CE's on every seed (a broken loss lands near chance, 90%);
-3. every other method for 2 epochs (seed 0, deterministic): finite metrics, better than chance;
-4. the stateful methods (AdaCos's scale, KD's teacher, Mixup's RNG draws) killed with SIGKILL
-   while saving their second epoch, then resumed: the result equals grid 3's uninterrupted run.
+3. every other method for 2 epochs (seed 0, deterministic): finite metrics, better than chance
+   (PS-KD with both teachers: the table in `pskd`, the epoch-start network in `pskd_cutmix`);
+4. the stateful methods (AdaCos's scale, KD's teacher, Mixup's RNG draws, PS-KD's prediction table)
+   killed with SIGKILL while saving their second epoch, then resumed: the result equals grid 3's
+   uninterrupted run.
 """
 from __future__ import annotations
 
@@ -27,9 +29,13 @@ KILL_AT = str(REPO / "tests" / "kill_at.py")
 BASE = str(REPO / "configs" / "mnist5k_small_cnn.yaml")
 SEEDS = [0, 1, 2]
 COMPARED = ["ls", "cskd_e", "mixup_cskd", "kd_cskd"]
-SMOKE = ["maxent", "adacos", "vsoftmax", "ddgsd", "byot", "mixup", "kd"]
-STATEFUL = ["adacos", "kd", "mixup"]
-TEACHER_KEYS = ("kd.teacher", "kd_cskd.teacher")
+SMOKE = ["maxent", "adacos", "vsoftmax", "ddgsd", "byot", "mixup", "kd", "pskd", "pskd_cutmix", "pskd_cutout", "cutmix",
+         "cutout", "ls_cutmix", "cskd_cutmix", "tfkd", "tfkd_cutmix"]
+STATEFUL = ["adacos", "kd", "mixup", "pskd"]
+TEACHER_KEYS = ("kd.teacher", "kd_cskd.teacher", "tfkd.teacher", "tfkd_cutmix.teacher")
+# PS-KD's second teacher, the network as the epoch started, and TF-KD's hand-designed one.
+SMOKE_RULES = [{"if": {"method": "pskd_cutmix"}, "set": {"pskd_cutmix.teacher": "model"}},
+               {"if": {"method": "tfkd_cutmix"}, "set": {"tfkd_cutmix.mode": "reg", "tfkd_cutmix.prob": 1.0}}]
 
 
 def run_grid(path: Path, out: Path, **grid) -> dict[tuple[str, int], dict]:
@@ -61,7 +67,7 @@ def grids(mnist_dir, tmp_path_factory):
                         axes={"method": COMPARED}, seeds=SEEDS)
     smoke = run_grid(root / "smoke.yaml", root / "smoke", overrides={**with_teacher, "epochs": 2,
                                                                       "deterministic": True},
-                     axes={"method": SMOKE}, seeds=[0])
+                     axes={"method": SMOKE}, rules=SMOKE_RULES, seeds=[0])
     return {"root": root, "teacher": teacher, "baseline": baseline, "compared": compared, "smoke": smoke}
 
 

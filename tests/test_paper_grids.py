@@ -40,7 +40,9 @@ TABLES = {  # grid -> (paper table, (dataset folder, model) cells, methods)
     "cskd2020_hierarchy": ("fig4_text", {("mixed", "resnet18")}, {"ce", "cskd"}),
 }
 RUN_COUNTS = {"cskd2020_table1": 180, "cskd2020_table2": 60, "cskd2020_table3": 60, "cskd2020_table4": 60,
-              "cskd2020_table5": 18, "cskd2020_table6": 105, "cskd2020_hierarchy": 6, "demo": 6, "mnist5k_slurm": 6}
+              "cskd2020_table5": 18, "cskd2020_table6": 105, "cskd2020_hierarchy": 6, "demo": 6, "mnist5k_slurm": 6,
+              "pskd2021_table1": 60, "pskd2021_table1_tfkd": 15, "pskd2021_table2": 18, "pskd2021_table2_shakedrop": 6,
+              "pskd2021_table3": 45, "pskd2021_table4": 8, "pskd2021_table4_tfkd": 2}
 
 
 def test_every_paper_grid_is_listed():

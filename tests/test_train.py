@@ -36,6 +36,12 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
     best = torch.load(out / "best.pt", weights_only=True)  # the model only, loadable without running code
     assert set(best) == {"model", "epoch", "test", "classes"} and best["epoch"] == summary["best"]["epoch"]
     assert best["test"]["top1_err"] == summary["best"]["top1_err"] and best["classes"] == [str(c) for c in range(10)]
+    for name, kind in (("test_logits.pt", "final"), ("best_test_logits.pt", "best")):  # for ensembles and figures
+        saved = torch.load(out / name, weights_only=True)
+        assert saved["epoch"] == summary[kind]["epoch"] and saved["logits"].dtype == torch.float16
+        assert saved["logits"].shape == (1000, 10) and saved["labels"].shape == (1000,)
+        err = 100 * (saved["logits"].float().argmax(1) != saved["labels"]).double().mean().item()
+        assert err == pytest.approx(summary[kind]["top1_err"], abs=0.2)  # float16 may break a near-tie otherwise
     assert "\x1b[" not in res.stdout and "\r" not in res.stdout  # plain log lines, not a bar, in a pipe
 
     again = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2"))
@@ -52,7 +58,7 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["epochz=3"], "unknown config key 'epochz'"),
     (["model=resnet99"], "valid models: densenet121, densenet121_bc_cifar, preact_resnet10, preact_resnet18"),
-    (["method=pskd"], "valid methods: adacos, byot, ce, cskd, cskd_e, ddgsd, kd, kd_cskd, ls, maxent, mixup"),
+    (["method=fskd"], "valid methods: adacos, byot, ce, cskd, cskd_cutmix, cskd_e, cutmix, cutout, ddgsd, kd"),
     (["data.path=/nonexistent/mnist5k"], "prepare it with: python -m datasets_prep mnist5k --out /nonexistent/mnist5k"),
 ])
 def test_bad_input_one_line_errors(mnist_dir, tmp_path, overrides, message):

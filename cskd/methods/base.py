@@ -45,6 +45,7 @@ class MethodContext:
     world_size: int
     epochs: int
     classes: list[str] | None = None  # the training set's class names (meta.json), where it records them
+    batch_per_rank: int = 0  # anchors per rank in a full step: no step of any rank holds more
 
 
 @dataclass

@@ -54,27 +54,31 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class CifarPreActResNet(Classifier):
-    stage_channels = (64, 128, 256, 512)
+class CifarResNet(Classifier):
+    """The reference's `CIFAR_ResNet`: a 3x3 conv(64)-BN-ReLU stem, four stages of `block`s (widths
+    64-512 times the block's expansion), `avg_pool2d(out, 4)` and a linear head; PS-KD's
+    `resnet101_cifar` is the same class with bottleneck blocks (cskd/models/resnet_cifar.py)."""
+
     stage_reductions = (1, 2, 4, 8)
 
-    def __init__(self, num_blocks: list[int], num_classes: int, name: str):
+    def __init__(self, block: type[nn.Module], num_blocks: list[int], num_classes: int, name: str):
         super().__init__()
         self.model_name = name
         self.in_planes = 64
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
-        self.layer1 = self._make_layer(64, num_blocks[0], 1)
-        self.layer2 = self._make_layer(128, num_blocks[1], 2)
-        self.layer3 = self._make_layer(256, num_blocks[2], 2)
-        self.layer4 = self._make_layer(512, num_blocks[3], 2)
-        self.head = nn.Linear(512, num_classes)
+        self.layer1 = self._make_layer(block, 64, num_blocks[0], 1)
+        self.layer2 = self._make_layer(block, 128, num_blocks[1], 2)
+        self.layer3 = self._make_layer(block, 256, num_blocks[2], 2)
+        self.layer4 = self._make_layer(block, 512, num_blocks[3], 2)
+        self.stage_channels = tuple(block.expansion * w for w in (64, 128, 256, 512))
+        self.head = nn.Linear(self.stage_channels[-1], num_classes)
 
-    def _make_layer(self, planes: int, blocks: int, stride: int) -> nn.Sequential:
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int) -> nn.Sequential:
         layers = []
         for s in [stride] + [1] * (blocks - 1):
-            layers.append(PreActBlock(self.in_planes, planes, s))
-            self.in_planes = planes
+            layers.append(block(self.in_planes, planes, s))
+            self.in_planes = block.expansion * planes
         return nn.Sequential(*layers)
 
     def stage_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -94,10 +98,10 @@ class CifarPreActResNet(Classifier):
 @register_model("preact_resnet18")
 def preact_resnet18(num_classes: int) -> Classifier:
     """The CS-KD paper's network for CIFAR-100 and TinyImageNet (reference `CIFAR_ResNet18`)."""
-    return CifarPreActResNet([2, 2, 2, 2], num_classes, "preact_resnet18")
+    return CifarResNet(PreActBlock, [2, 2, 2, 2], num_classes, "preact_resnet18")
 
 
 @register_model("preact_resnet10")
 def preact_resnet10(num_classes: int) -> Classifier:
     """One PreAct block per stage (reference `CIFAR_ResNet10`), a small student for KD runs."""
-    return CifarPreActResNet([1, 1, 1, 1], num_classes, "preact_resnet10")
+    return CifarResNet(PreActBlock, [1, 1, 1, 1], num_classes, "preact_resnet10")

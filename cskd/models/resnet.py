@@ -5,9 +5,10 @@ of torchvision's: 7x7/2 stem + BN + ReLU + 3x3/2 max-pool, then four stages of `
 `Bottleneck`s (stride on the 3x3 conv of a bottleneck, conv1x1 + BN projection shortcuts), global
 average pooling and a linear head. The paper uses them for the fine-grained sets (CUB-200,
 Stanford Dogs, MIT-67; CS-KD Table 1, §3.1) and for ImageNet (Table 5), always with
-`pretrained=False`. Initialisation is torchvision's, the same as the reference's: Kaiming-normal
-(fan_out) convolutions, BN weight 1 / bias 0, no zero-init of the last BN of each block, default
-`nn.Linear` init for the head.
+`pretrained=False`; PS-KD's ImageNet ResNet-152 is the same network (see `resnet152`).
+Initialisation is torchvision's, the same as the reference's: Kaiming-normal (fan_out)
+convolutions, BN weight 1 / bias 0, no zero-init of the last BN of each block, default `nn.Linear`
+init for the head.
 
 Stages are layer1..layer4 (the stem is not a stage): with a 224-px input they are 56/28/14/7 px,
 with 64/128/256/512 channels (x4 for bottlenecks). Any input size works (adaptive pooling).
@@ -69,6 +70,19 @@ def resnet50(num_classes: int) -> Classifier:
 def resnet101(num_classes: int) -> Classifier:
     """ResNet-101 (reference `resnet101`), CS-KD Table 5 (ImageNet)."""
     return TorchvisionResNet(Bottleneck, [3, 4, 23, 3], num_classes)
+
+
+@register_model("resnet152")
+def resnet152(num_classes: int) -> Classifier:
+    """ResNet-152, PS-KD Table 4 (ImageNet) and the backbone of its Table 5 detector.
+
+    PS-KD builds it with its own `ResNet(dataset='imagenet', depth=152, bottleneck=True)`
+    (lgcnsai/PS-KD-Pytorch models/resnet_imagenet.py), a copy of torchvision's (stride on the 3x3
+    conv, conv1x1 + BN projections, adaptive pooling). Its initialisation is torchvision's too:
+    convs N(0, sqrt(2 / (k*k*out_channels))) is exactly `kaiming_normal_(mode="fan_out",
+    nonlinearity="relu")` (std sqrt(2) / sqrt(fan_out), fan_out = k*k*out_channels), BN 1/0, and
+    the default `nn.Linear` init for the head; under the same seed both draw bit-identical weights."""
+    return TorchvisionResNet(Bottleneck, [3, 8, 36, 3], num_classes)
 
 
 @register_model("resnext101_32x4d")
