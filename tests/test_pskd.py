@@ -167,6 +167,12 @@ def test_bad_parameters_are_one_line_errors(override, message):
         load_config(None, ["method=pskd", override])
 
 
+def test_pskd_cutout_refuses_a_patch_that_cuts_nothing_as_cutout_does():
+    for method in ("cutout", "pskd_cutout"):
+        with pytest.raises(ConfigError, match=rf"'{method}.size' must be >= 2"):
+            load_config(None, [f"method={method}", f"{method}.size=1"])
+
+
 # --- two ranks -----------------------------------------------------------------------------------
 
 def _two_rank_update(rank: int, init_file: str, results):

@@ -24,6 +24,15 @@ class CSKDParams:
     exclude_self: bool = False
 
 
+def check_class_wise_params(name: str, params) -> None:
+    """CS-KD's T and lambda_cls in method `name`'s section (every method that adds the class-wise term)."""
+    if not params.temperature > 0:
+        raise ConfigError(f"config key '{name}.temperature' must be > 0, got {params.temperature}; "
+                          f"e.g. {name}.temperature=4")
+    if params.lam < 0:
+        raise ConfigError(f"config key '{name}.lam' must be >= 0, got {params.lam}; e.g. {name}.lam=1")
+
+
 def class_wise_term(model, logits: torch.Tensor, partner_images: torch.Tensor, temperature: float) -> torch.Tensor:
     """L_cls = T^2 * KL(p(x') || p(x)) of the anchors' `logits` to their same-class partners, the
     partners forwarded as the reference does: a separate pass, in train mode, under no_grad."""
@@ -38,10 +47,7 @@ class CSKD(Method):
 
     @classmethod
     def check_params(cls, params: CSKDParams) -> None:
-        if not params.temperature > 0:
-            raise ConfigError(f"config key 'cskd.temperature' must be > 0, got {params.temperature}")
-        if params.lam < 0:
-            raise ConfigError(f"config key 'cskd.lam' must be >= 0, got {params.lam}")
+        check_class_wise_params(cls.name, params)
 
     def sampling(self) -> Sampling:
         return Sampling("class_pairs", exclude_self=self.params.exclude_self)

@@ -11,10 +11,9 @@ see cskd.py). A step the gate leaves plain is plain CS-KD.
 from dataclasses import dataclass
 
 from cskd.batch import Batch, Sampling
-from cskd.errors import ConfigError
 from cskd.losses import cross_entropy
 from cskd.methods.base import Method, StepOutput, register_method
-from cskd.methods.cskd import CSKDParams, class_wise_term
+from cskd.methods.cskd import CSKDParams, check_class_wise_params, class_wise_term
 from cskd.methods.cutmix import CutMixParams, check_cutmix_params, cut_images, draw_step, mix_criterion
 
 
@@ -29,11 +28,7 @@ class CSKDCutMix(Method):
 
     @classmethod
     def check_params(cls, params: CSKDCutMixParams) -> None:
-        if not params.temperature > 0:
-            raise ConfigError(f"config key '{cls.name}.temperature' must be > 0, got {params.temperature}; "
-                              f"e.g. {cls.name}.temperature=4")
-        if params.lam < 0:
-            raise ConfigError(f"config key '{cls.name}.lam' must be >= 0, got {params.lam}; e.g. {cls.name}.lam=1")
+        check_class_wise_params(cls.name, params)
         check_cutmix_params(cls.name, params)
 
     def sampling(self) -> Sampling:

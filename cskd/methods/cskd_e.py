@@ -18,7 +18,7 @@ from cskd.batch import Batch, Sampling
 from cskd.errors import ConfigError
 from cskd.losses import cross_entropy
 from cskd.methods.base import Method, StepOutput, register_method
-from cskd.methods.cskd import class_wise_term
+from cskd.methods.cskd import check_class_wise_params, class_wise_term
 
 
 @dataclass
@@ -38,10 +38,7 @@ class CSKDE(Method):
 
     @classmethod
     def check_params(cls, params: CSKDEParams) -> None:
-        if not params.temperature > 0:
-            raise ConfigError(f"config key 'cskd_e.temperature' must be > 0, got {params.temperature}")
-        if params.lam < 0:
-            raise ConfigError(f"config key 'cskd_e.lam' must be >= 0, got {params.lam}")
+        check_class_wise_params(cls.name, params)
         if params.lam_e < 0:
             raise ConfigError(f"config key 'cskd_e.lam_e' must be >= 0, got {params.lam_e}")
 

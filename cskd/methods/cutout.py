@@ -49,15 +49,20 @@ class CutoutParams:
     size: int = 8
 
 
+def check_cutout_size(name: str, size: int) -> None:
+    """The patch side in method `name`'s section (cutout, pskd_cutout)."""
+    if size < 2:  # the patch side is 2 * (size // 2): size 1 would cut nothing
+        raise ConfigError(f"config key '{name}.size' must be >= 2 (the patch side in pixels), got {size}; "
+                          f"e.g. {name}.size=8")
+
+
 @register_method("cutout")
 class Cutout(Method):
     Params = CutoutParams
 
     @classmethod
     def check_params(cls, params: CutoutParams) -> None:
-        if params.size < 2:  # the patch side is 2 * (size // 2): size 1 would cut nothing
-            raise ConfigError(f"config key '{cls.name}.size' must be >= 2 (the patch side in pixels), got "
-                              f"{params.size}; e.g. {cls.name}.size=8")
+        check_cutout_size(cls.name, params.size)
 
     def loss(self, model, batch: Batch) -> StepOutput:
         n, _, height, width = batch.images.shape

@@ -22,17 +22,23 @@ class LSParams:
     convention: str = "uniform"
 
 
+def check_ls_params(name: str, params: LSParams) -> None:
+    """Label smoothing's keys in method `name`'s section (ls, ls_cutmix)."""
+    if not 0 <= params.epsilon < 1:
+        raise ConfigError(f"config key '{name}.epsilon' must be in [0, 1), got {params.epsilon}; "
+                          f"e.g. {name}.epsilon=0.1")
+    if params.convention not in LS_CONVENTIONS:
+        raise ConfigError(f"config key '{name}.convention' must be one of {', '.join(LS_CONVENTIONS)}, "
+                          f"got {params.convention!r}")
+
+
 @register_method("ls")
 class LabelSmoothing(Method):
     Params = LSParams
 
     @classmethod
     def check_params(cls, params: LSParams) -> None:
-        if not 0 <= params.epsilon < 1:
-            raise ConfigError(f"config key 'ls.epsilon' must be in [0, 1), got {params.epsilon}")
-        if params.convention not in LS_CONVENTIONS:
-            raise ConfigError(f"config key 'ls.convention' must be one of {', '.join(LS_CONVENTIONS)}, "
-                              f"got {params.convention!r}")
+        check_ls_params(cls.name, params)
 
     def loss(self, model, batch: Batch) -> StepOutput:
         logits = model(batch.images)

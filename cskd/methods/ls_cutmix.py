@@ -8,11 +8,10 @@ the area-weighted mix of the two smoothed labels; a step the gate leaves plain i
 from dataclasses import dataclass
 
 from cskd.batch import Batch
-from cskd.errors import ConfigError
-from cskd.losses import LS_CONVENTIONS, label_smoothing_loss
+from cskd.losses import label_smoothing_loss
 from cskd.methods.base import Method, StepOutput, register_method
 from cskd.methods.cutmix import CutMixParams, check_cutmix_params, cut_images, draw_step, mix_criterion
-from cskd.methods.ls import LSParams
+from cskd.methods.ls import LSParams, check_ls_params
 
 
 @dataclass
@@ -26,12 +25,7 @@ class LSCutMix(Method):
 
     @classmethod
     def check_params(cls, params: LSCutMixParams) -> None:
-        if not 0 <= params.epsilon < 1:
-            raise ConfigError(f"config key '{cls.name}.epsilon' must be in [0, 1), got {params.epsilon}; "
-                              f"e.g. {cls.name}.epsilon=0.1")
-        if params.convention not in LS_CONVENTIONS:
-            raise ConfigError(f"config key '{cls.name}.convention' must be one of {', '.join(LS_CONVENTIONS)}, "
-                              f"got {params.convention!r}")
+        check_ls_params(cls.name, params)
         check_cutmix_params(cls.name, params)
 
     def loss(self, model, batch: Batch) -> StepOutput:

@@ -10,10 +10,9 @@ partners forwarded as in CS-KD (a separate pass in train mode, under no_grad; se
 from dataclasses import dataclass
 
 from cskd.batch import Batch, Sampling
-from cskd.errors import ConfigError
 from cskd.losses import mixup_cross_entropy
 from cskd.methods.base import StepOutput, register_method
-from cskd.methods.cskd import class_wise_term
+from cskd.methods.cskd import check_class_wise_params, class_wise_term
 from cskd.methods.mixup import Mixup, MixupParams, draw_mix, mix
 
 
@@ -33,11 +32,7 @@ class MixupCSKD(Mixup):
     @classmethod
     def check_params(cls, params: MixupCSKDParams) -> None:
         super().check_params(params)
-        if not params.temperature > 0:
-            raise ConfigError(f"config key '{cls.name}.temperature' must be > 0, got {params.temperature}; "
-                              f"e.g. {cls.name}.temperature=4")
-        if params.lam < 0:
-            raise ConfigError(f"config key '{cls.name}.lam' must be >= 0, got {params.lam}; e.g. {cls.name}.lam=1")
+        check_class_wise_params(cls.name, params)
 
     def sampling(self) -> Sampling:
         return Sampling("class_pairs", exclude_self=self.params.exclude_self)

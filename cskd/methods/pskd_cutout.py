@@ -8,10 +8,9 @@ paper) and the plain cross-entropy on its labels; the split and the table refres
 from dataclasses import dataclass
 
 from cskd.batch import Batch
-from cskd.errors import ConfigError
 from cskd.losses import cross_entropy
 from cskd.methods.base import StepOutput, register_method
-from cskd.methods.cutout import cutout, draw_centres
+from cskd.methods.cutout import check_cutout_size, cutout, draw_centres
 from cskd.methods.pskd import PSKD, PSKDParams
 
 
@@ -27,9 +26,7 @@ class PSKDCutout(PSKD):
     @classmethod
     def check_params(cls, params: PSKDCutoutParams) -> None:
         super().check_params(params)
-        if params.size < 1:
-            raise ConfigError(f"config key '{cls.name}.size' must be >= 1 (the hole's side in pixels), got "
-                              f"{params.size}; e.g. {cls.name}.size=8")
+        check_cutout_size(cls.name, params.size)
 
     def loss(self, model, batch: Batch) -> StepOutput:
         def with_holes(images, labels):
