@@ -26,6 +26,13 @@ class KDParams:
     alpha: float = 0.9
 
 
+def check_teacher_weights(name: str, params) -> None:
+    """Which weights of the teacher's run dir method `name` reads (kd, kd_cskd, tfkd)."""
+    if params.teacher_weights not in ("final", "best"):
+        raise ConfigError(f"config key '{name}.teacher_weights' must be final or best, got "
+                          f"{params.teacher_weights!r}")
+
+
 @register_method("kd")
 class KD(Method):
     Params = KDParams
@@ -36,9 +43,7 @@ class KD(Method):
 
     @classmethod
     def check_params(cls, params: KDParams) -> None:
-        if params.teacher_weights not in ("final", "best"):
-            raise ConfigError(f"config key '{cls.name}.teacher_weights' must be final or best, got "
-                              f"{params.teacher_weights!r}")
+        check_teacher_weights(cls.name, params)
         if not params.temperature > 0:
             raise ConfigError(f"config key '{cls.name}.temperature' must be > 0, got {params.temperature}; "
                               f"e.g. {cls.name}.temperature=4")

@@ -195,10 +195,10 @@ class PSKD(Method):
         if n < 2:
             return self.loss(model, batch)
         plain, other = split_in_halves(n, batch.images.device)
-        labels, index = batch.labels[plain], batch.index[plain]
-        past = self.past_predictions(model, batch.images[plain], labels, index, batch.epoch)
+        images, labels, index = batch.images[plain], batch.labels[plain], batch.index[plain]
+        past = self.past_predictions(model, images, labels, index, batch.epoch)
         augmented, augmented_loss = augment(batch.images[other], batch.labels[other])
-        logits = model(torch.cat([batch.images[plain], augmented]))
+        logits = model(torch.cat([images, augmented]))
         k = len(plain)
         self.remember(index, logits[:k])
         pskd_term = pskd_loss(logits[:k], labels, past, self.alpha(batch.epoch))

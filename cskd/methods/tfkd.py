@@ -20,7 +20,7 @@ from cskd.batch import Batch
 from cskd.errors import ConfigError
 from cskd.losses import cross_entropy, tfkd_reg_kl, tfkd_self_kl
 from cskd.methods.base import MethodContext, StepOutput, register_method
-from cskd.methods.kd import KD
+from cskd.methods.kd import KD, check_teacher_weights
 from cskd.progress import log
 
 MODES = ("self", "reg")
@@ -56,9 +56,7 @@ class TFKD(KD):
         key = cls.name
         if params.mode not in MODES:
             raise ConfigError(f"config key '{key}.mode' must be self or reg, got {params.mode!r}; e.g. {key}.mode=self")
-        if params.teacher_weights not in ("final", "best"):
-            raise ConfigError(f"config key '{key}.teacher_weights' must be final or best, got "
-                              f"{params.teacher_weights!r}")
+        check_teacher_weights(key, params)
         for mode in MODES:
             if not 0 <= getattr(params, f"{mode}_alpha") <= 1:
                 raise ConfigError(f"config key '{key}.{mode}_alpha' must be in [0, 1] (the weight of the teacher's "
