@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from cskd import rundir
 from cskd.checkpoint import load
 from cskd.errors import ConfigError, CskdError, DataError, RunDirError
-from cskd.metrics import aurc_eaurc, ece_from_bins, reliability_bins, top_k_error
+from cskd.metrics import classification_metrics
 
 # cskd.metrics.METRIC_NAMES without r_at_1, which needs features
 METRICS = ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc")
@@ -64,14 +64,9 @@ def ensemble_metrics(logits_list: list[torch.Tensor], labels: torch.Tensor, n_bi
 
 def log_prob_metrics(log_p: torch.Tensor, labels: torch.Tensor, n_bins: int = 20
                      ) -> tuple[dict[str, float], dict[str, list]]:
-    """`ensemble_metrics` of the ensemble whose log mean probabilities (`mean_log_probs`) are `log_p`."""
-    confidence, prediction = log_p.exp().max(dim=1)
-    correct = prediction == labels
-    aurc, eaurc = aurc_eaurc(confidence, correct)
-    bins = reliability_bins(confidence, correct, n_bins)
-    return {"top1_err": top_k_error(log_p, labels, 1), "top5_err": top_k_error(log_p, labels, 5),
-            "nll": -log_p.gather(1, labels[:, None]).mean().item(), "ece": ece_from_bins(bins),
-            "aurc": aurc, "eaurc": eaurc}, bins
+    """`ensemble_metrics` of the ensemble whose log mean probabilities (`mean_log_probs`) are `log_p`: scored
+    as logits by `classification_metrics` (softmax(log_p) is the mean probability), without features."""
+    return classification_metrics(log_p, labels, None, n_bins)
 
 
 def _finished_run(run_dir: Path, which: str) -> tuple[dict, int]:

@@ -105,13 +105,15 @@ def hierarchical_accuracy(predictions: torch.Tensor, labels: torch.Tensor,
     return result
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor,
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, features: torch.Tensor | None,
                            n_bins: int = 20, superclass_of_class: list[str] | None = None
                            ) -> tuple[dict[str, float], dict[str, list]]:
     """All metrics of the CS-KD/PS-KD papers for one split, and the reliability-diagram bins.
 
-    With `superclass_of_class` (a dataset that records a hierarchy, e.g. datasets_prep's `mixed`),
-    the hierarchy accuracies of `hierarchical_accuracy` are added."""
+    Without `features` R@1 is left out (an ensemble's log mean probabilities, `cskd.ensemble`, are
+    scored as logits: their softmax is the mean probability). With `superclass_of_class` (a dataset
+    that records a hierarchy, e.g. datasets_prep's `mixed`), the hierarchy accuracies of
+    `hierarchical_accuracy` are added."""
     probs = F.softmax(logits.double(), dim=1)
     confidence, prediction = probs.max(dim=1)
     correct = prediction == labels
@@ -124,8 +126,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, features:
         "ece": ece_from_bins(bins),
         "aurc": aurc,
         "eaurc": eaurc,
-        "r_at_1": recall_at_1(features, labels),
     }
+    if features is not None:
+        metrics["r_at_1"] = recall_at_1(features, labels)
     if superclass_of_class is not None:
         metrics |= hierarchical_accuracy(prediction, labels, superclass_of_class)
     return metrics, bins
