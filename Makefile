@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench.py
+	$(PY) -m cskd.bench
 
 bench-pskd: $(STAMP)
 	$(PY) benchmarks/bench_pskd.py

@@ -24,6 +24,7 @@ shrunk, i.e. statistically equivalent rather than bit-identical to the reference
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -61,20 +62,36 @@ PIPELINES = {
 }
 
 
-def pad_crop(images: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Random crop of the original size from the zero-padded image, independently per sample.
+def _gather_pixels(images: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """out[i, y, x] = images[i, rows[i, y], cols[i, x]] for NHWC `images`, in one `index_select` of
+    whole pixels; coordinates outside the image read 0 (zero padding, applied in place after).
 
-    Same distribution as torchvision `RandomCrop(size, padding=padding)` (fill 0): offsets uniform
-    in [0, 2 * padding] on each axis.
-    """
+    Index arithmetic on (n, H) and (n, W) coordinates replaces padding, cropping and flipping as
+    separate passes over the batch (crop + flip of 256 CIFAR images: 3.4 -> 1.0 ms on 2 CPU cores)."""
+    n, h, w, c = images.shape
+    first_row = torch.arange(n, device=images.device)[:, None] * h
+    flat = (((first_row + rows.clamp(0, h - 1)) * w)[:, :, None] + cols.clamp(0, w - 1)[:, None, :])
+    out = images.reshape(n * h * w, c).index_select(0, flat.view(-1)).view(n, rows.shape[1], cols.shape[1], c)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    return out.mul_(inside[..., None])
+
+
+def pad_crop(images: torch.Tensor, padding: int, generator: torch.Generator, flip: bool = False) -> torch.Tensor:
+    """Random crop of the original size from the zero-padded image, independently per sample, then
+    (with `flip`) a left-right mirror with probability 1/2: one gather of uint8 pixels.
+
+    Same distribution as torchvision `RandomCrop(size, padding=padding)` (fill 0), then
+    `RandomHorizontalFlip()`: offsets uniform in [0, 2 * padding] on each axis. Draws, in order:
+    row offsets, column offsets, then the flips (`flip_mask`)."""
     n, h, w, _ = images.shape
-    padded = F.pad(images, (0, 0, padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=images.device)
-    rows = (dy[:, None] + torch.arange(h, device=images.device))[:, :, None]  # (n, h, 1)
-    cols = (dx[:, None] + torch.arange(w, device=images.device))[:, None, :]  # (n, 1, w)
-    batch = torch.arange(n, device=images.device)[:, None, None]
-    return padded[batch, rows, cols]  # (n, h, w, c)
+    device = images.device
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator, device=device)
+    rows = dy[:, None] + torch.arange(-padding, h - padding, device=device)  # (n, h) in unpadded coordinates
+    cols = dx[:, None] + torch.arange(-padding, w - padding, device=device)
+    if flip:
+        cols = torch.where(flip_mask(n, generator, device)[:, None], cols.flip(1), cols)
+    return _gather_pixels(images, rows, cols)
 
 
 def flip_mask(n: int, generator: torch.Generator, device) -> torch.Tensor:
@@ -163,30 +180,33 @@ def color_jitter(x: torch.Tensor, strength: float, generator: torch.Generator) -
     """ColorJitter(brightness=s, contrast=s, saturation=s) on float NCHW in [0, 255], per sample.
 
     Factors ~ U(max(0, 1 - s), 1 + s) and a random order of the three ops per sample, as torchvision.
+    Each position blends every sample once with its own op's target (black, its mean grey level, or
+    its grey image), so the batch pays for one blend per position, not three.
     """
     n = x.shape[0]
     factors = (torch.rand(n, 3, generator=generator, device=x.device) * 2 - 1) * strength + 1
-    factors = factors.clamp(min=0)[:, :, None, None, None]
+    factors = factors.clamp(min=0)
     order = torch.rand(n, 3, generator=generator, device=x.device).argsort(1)
     for pos in range(3):
-        for op in range(3):
-            f = factors[:, op]
-            if op == 0:
-                target = torch.zeros_like(x[:, :1])  # brightness: blend with black
-            elif op == 1:
-                target = _gray(x).mean((1, 2, 3), keepdim=True)  # contrast: with the mean grey level
-            else:
-                target = _gray(x)  # saturation: with the grey image
-            blended = (f * x + (1 - f) * target).clamp(0, 255)
-            x = torch.where((order[:, pos] == op)[:, None, None, None], blended, x)
+        op = order[:, pos, None, None, None]  # 0 brightness, 1 contrast, 2 saturation
+        f = factors.gather(1, order[:, pos:pos + 1])[:, :, None, None]
+        gray = _gray(x)
+        target = torch.where(op == 2, gray, torch.where(op == 1, gray.mean((1, 2, 3), keepdim=True), 0.0))
+        x = (f * x + (1 - f) * target).clamp(0, 255)
     return x
+
+
+@functools.lru_cache(maxsize=None)
+def _pca_basis(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet's PCA eigenvalues and eigenvectors on `device`, built once: no host-to-device copy per step."""
+    return (torch.tensor(IMAGENET_EIGVAL, device=device, dtype=dtype),
+            torch.tensor(IMAGENET_EIGVEC, device=device, dtype=dtype))
 
 
 def lighting(x: torch.Tensor, std: float, generator: torch.Generator) -> torch.Tensor:
     """PCA lighting noise (PS-KD `Lighting(0.1, eigval, eigvec)`) on float NCHW in [0, 255], per sample."""
     alpha = torch.randn(x.shape[0], 3, generator=generator, device=x.device) * std
-    eigval = torch.tensor(IMAGENET_EIGVAL, device=x.device)
-    eigvec = torch.tensor(IMAGENET_EIGVEC, device=x.device)
+    eigval, eigvec = _pca_basis(x.device, alpha.dtype)
     rgb = (alpha * eigval) @ eigvec.T  # (n, 3): sum_j eigvec[c, j] * alpha_j * eigval_j
     return x + 255 * rgb[:, :, None, None]
 
@@ -210,15 +230,18 @@ class Transform:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """NCHW (uint8 or float in [0, 255]) -> float, normalised, in the requested memory format."""
-        y = x.float() * self.scale
-        return y.add_(self.shift).contiguous(memory_format=self.memory_format)
+        """NCHW (uint8 or float32 in [0, 255]) -> float32, normalised, in the requested memory format.
+
+        A uint8 batch changes layout before the float conversion: a quarter of the bytes to move."""
+        if not x.is_floating_point():
+            x = x.contiguous(memory_format=self.memory_format)
+        return torch.mul(x, self.scale).add_(self.shift).contiguous(memory_format=self.memory_format)
 
     def train(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         spec = self.spec
-        if spec.pad:
-            images = pad_crop(images, spec.pad, generator)
-        if spec.rrc and not self.decoded_crop:
+        if spec.pad:  # crop and flip in one uint8 gather, before anything is converted to float
+            x = pad_crop(images, spec.pad, generator, flip=spec.flip).permute(0, 3, 1, 2)
+        elif spec.rrc and not self.decoded_crop:
             n, height, width, _ = images.shape
             flip = flip_mask(n, generator, images.device) if spec.flip else None
             boxes = rrc_boxes(n, height, width, generator, device=images.device)

@@ -68,6 +68,7 @@ class LoaderSpec:
     loader: str = "ffcv"  # "ffcv" (decode threads) or "device" (the split held as one tensor)
     num_workers: int = 1  # FFCV decode threads
     os_cache: bool = True  # FFCV: share the page cache between the ranks of a node
+    why: str = ""  # why this loader (and thread count): said in the run's log
 
     @property
     def paired(self) -> bool:
@@ -102,3 +103,23 @@ def make_batch(images: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, 
         batch = Batch(x, labels, index, epoch=epoch, step=step)
     batch.views = [transform.train(images, generator) for _ in range(num_views - 1)]
     return batch
+
+
+def split_batch(batch: Batch, parts: int) -> list[Batch]:
+    """`batch` cut into `parts` micro-batches of consecutive anchors (sizes differ by at most one),
+    each anchor kept with its partner and views.
+
+    Every rank cuts every step into the same number of parts, so the collectives of the forwards
+    (FSDP's parameter gathers, PS-KD's table gather) pair up across ranks. The exception is a last
+    step with fewer anchors than ranks x parts: a shard of n < parts anchors makes n parts."""
+    parts = max(1, min(parts, len(batch.labels)))
+    if parts == 1:
+        return [batch]
+
+    def cut(t: torch.Tensor | None):
+        return [None] * parts if t is None else torch.tensor_split(t, parts)
+
+    pieces = zip(cut(batch.images), cut(batch.labels), cut(batch.index), cut(batch.pair_images),
+                 cut(batch.pair_labels), cut(batch.pair_index), *(cut(v) for v in batch.views))
+    return [Batch(x, y, i, px, py, pi, list(views), epoch=batch.epoch, step=batch.step)
+            for x, y, i, px, py, pi, *views in pieces]

@@ -6,9 +6,11 @@ made of those (the numpy RNG state is stored as a tensor, the progress as a plai
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 import random
+import threading
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,15 +35,21 @@ class Progress:
     train_s: float = 0.0
     train_images: int = 0
 
-    def record(self, epoch: int, lr: float, train: dict, test: dict, bins: dict, wall_s: float) -> tuple[dict, bool]:
-        """Add a finished epoch; returns its metrics.jsonl record and whether it is the new best."""
+    def record(self, epoch: int, lr: float, train: dict, test: dict | None, bins: dict | None,
+               wall_s: float) -> tuple[dict, bool]:
+        """Add a finished epoch; returns its metrics.jsonl record and whether it is the new best.
+
+        `test` is None for an epoch that was not evaluated (`eval_every`): its record says so
+        (`"test": null`) and it cannot be the best."""
         record = {"epoch": epoch, "lr": lr, "train": train, "test": test}
         self.epoch = epoch
         self.history.append(record)
-        self.final_bins = bins
         self.wall_s += wall_s
         self.train_s += train["time_s"]
         self.train_images += train["images"]
+        if test is None:
+            return record, False
+        self.final_bins = bins
         improved = self.best is None or test["top1_err"] < self.best["top1_err"]
         if improved:
             self.best = {**test, "epoch": epoch}
@@ -52,30 +60,74 @@ class Progress:
         return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls)})
 
 
-def rng_state() -> dict:
-    """The state of every random number generator this process may draw from, as tensors and plain values."""
+def rng_state(device: torch.device = torch.device("cpu")) -> dict:
+    """The state of every random number generator this process may draw from, as tensors and plain
+    values: only its own GPU's (`device`), since each rank draws on its device alone (saving every
+    visible GPU's state would make N ranks save N x N states and initialise CUDA contexts on all)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     state = {"python": random.getstate(),
              "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device = torch.device("cpu")) -> None:
     random.setstate(state["python"])
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and isinstance(state.get("cuda"), torch.Tensor):
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def to_cpu(state):
+    """A copy of a (nested) state on the CPU, sharing nothing with the live tensors: what a background
+    save writes while training goes on changing them."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return copy.deepcopy(state)
+
+
+class BackgroundWriter:
+    """Runs one write job at a time on a thread, so the next epoch trains while files are written.
+
+    `submit` first waits for the previous job: files are written in epoch order and at most one
+    epoch's state is held in memory. A job's error is raised by the next `submit` or by `join`."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job) -> None:
+        self.join()
+        self._thread = threading.Thread(target=self._run, args=(job,), name="cskd-checkpoint", daemon=False)
+        self._thread.start()
+
+    def _run(self, job) -> None:
+        try:
+            job()
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread, raised there
+            self._error = e
+
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def save(path: str | Path, state: dict) -> None:

@@ -24,12 +24,18 @@ from cskd.errors import ConfigError
 
 # Keys that change how a run executes but not what it computes: a run dir may be resumed with
 # different values of these.
-RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads", "log_every")
+# The engine, ZeRO, compilation and checkpoint cadence compute the same run (within float rounding),
+# so a checkpoint written under one of them resumes under another.
+RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads", "log_every", "engine",
+                "optimizer.zero", "compile", "cuda_graphs", "checkpoint_every", "async_checkpoint")
 # Keys added after runs already existed, with the value that keeps those runs' behaviour: at that
 # value a key is left out of a run's identity, so earlier runs keep their identities (and run ids).
-ADDED_KEYS = {"lr_milestones": []}
+ADDED_KEYS = {"lr_milestones": [], "batch.micro_per_rank": 0, "batch.grad_accum": 0, "lr_scaling": "none",
+              "warmup_epochs": 0, "eval_every": 1}
 # Renamed keys, still read from older configs (a run dir's saved config.yaml): old -> new.
-RENAMED_KEYS = {"data.augment": "data.pipeline"}
+RENAMED_KEYS = {"data.augment": "data.pipeline", "batch_size": "batch.global"}
+# Config keys that are Python keywords: the dataclass field carries a trailing underscore.
+KEYWORD_FIELDS = {"global": "global_"}
 LIST_SEP = ", "
 INT64 = (-2**63, 2**63)  # ints end up in torch (seeds, sizes): they must fit its int64
 NON_EMPTY_KEYS = ("out_dir", "data.path")  # an empty path is the current directory: never what was meant
@@ -46,10 +52,30 @@ class DataConfig:
     pipeline: str = "cifar"
     color_jitter: float = 0.0  # ColorJitter(b=c=s=x) after the flip; PS-KD's ImageNet recipe uses 0.4
     lighting: float = 0.0  # PCA lighting noise std; PS-KD's ImageNet recipe uses 0.1
-    loader: str = "ffcv"  # ffcv: FFCV decode threads; device: the whole (fixed-size) split held on the device
-    num_workers: int = 1  # FFCV decoding threads per process
+    # auto: device where the splits fit (fixed image size, memory budget), else ffcv. ffcv: FFCV decode
+    # threads. device: the whole (fixed-size) split held on the device.
+    loader: str = "auto"
+    num_workers: int = 0  # FFCV decoding threads per process; 0: the cores Slurm or the machine gives each rank
     eval_batch_size: int = 500  # per rank
     os_cache: bool = True  # share the page cache between ranks of a node (FFCV os_cache)
+
+
+@dataclass
+class BatchConfig:
+    """DeepSpeed's batch triple: global = micro_per_rank x grad_accum x world size.
+
+    `global` (alias `batch_size`) is the recipe's batch: anchors per optimizer step, what the LR
+    schedule and the paper speak of. The other two say how a step is computed; 0 lets the others
+    decide (`resolve_batch`). BatchNorm normalises each micro-batch on its own."""
+
+    global_: int = 128  # config key `batch.global`; CS-KD adds as many partners
+    micro_per_rank: int = 0  # anchors per rank per forward; 0: global / (world size x grad_accum)
+    grad_accum: int = 0  # micro-steps per optimizer step; 0: global / (world size x micro_per_rank), else 1
+
+
+@dataclass
+class OptimizerConfig:
+    zero: int = 0  # 1: optimizer state sharded over ranks (ZeroRedundancyOptimizer), engine ddp only
 
 
 @dataclass
@@ -58,7 +84,7 @@ class Config:
     model: str = "preact_resnet18"
     method: str = "ce"
     epochs: int = 200
-    batch_size: int = 128  # global anchors per step, split evenly over ranks; CS-KD adds as many partners
+    batch: BatchConfig = field(default_factory=BatchConfig)
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 1e-4
@@ -70,6 +96,19 @@ class Config:
     # lr_schedule milestones: /10 from each of these epoch indices on, the LR set at the epoch's start
     # (PS-KD's recipe: [150, 225] of 300, lgcnsai/PS-KD-Pytorch main.py adjust_learning_rate).
     lr_milestones: list[int] = field(default_factory=list)
+    # none: lr as given (the papers' recipes). linear: lr x batch.global / 256 (Goyal et al. 2017,
+    # arXiv 1706.02677), for large-batch runs; pair it with warmup_epochs.
+    lr_scaling: str = "none"
+    warmup_epochs: int = 0  # the LR rises linearly, step by step, over these first epochs (Goyal et al.: 5)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    # ddp: DistributedDataParallel (one process: none). fsdp: FSDP2 fully_shard (parameters, gradients
+    # and optimizer state sharded), for the largest models or memory-bound runs.
+    engine: str = "ddp"
+    compile: bool = False  # torch.compile the model (training and no-grad forwards)
+    cuda_graphs: bool = False  # with compile on one GPU: mode reduce-overhead (CUDA graphs)
+    checkpoint_every: int = 1  # epochs between checkpoints (the last epoch is always saved)
+    async_checkpoint: bool = True  # the state is copied to the CPU, then written by a thread (still atomic)
+    eval_every: int = 1  # epochs between test evaluations (the last epoch is always evaluated)
     seed: int = 0
     out_dir: str = "runs/default"
     # How tables name this run's row (summary.json `label`); empty: the method's name. Grids set
@@ -87,8 +126,14 @@ class Config:
     method_params: typing.Any = None
 
 
+def _key_name(field_name: str) -> str:
+    """The config key of a dataclass field (`global_` -> `global`)."""
+    return next((k for k, f in KEYWORD_FIELDS.items() if f == field_name), field_name)
+
+
 def _fields(cls) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls) if f.name != "method_params"}
+    """Config key -> field of a config dataclass."""
+    return {_key_name(f.name): f for f in dataclasses.fields(cls) if f.name != "method_params"}
 
 
 def _check_value(key: str, value, expected: type, source: str):
@@ -146,6 +191,9 @@ def _apply(obj, values: dict, prefix: str, source: str, method_sections: dict) -
         full = f"{prefix}{key}"
         if full in RENAMED_KEYS:
             full = RENAMED_KEYS[full]
+            if "." in full[len(prefix):]:  # moved into a section: apply it there
+                _apply(obj, nest({full[len(prefix):]: value}), prefix, source, method_sections)
+                continue
             key = full[len(prefix):]
         if not prefix and key in method_sections:
             if not isinstance(value, dict):
@@ -155,13 +203,14 @@ def _apply(obj, values: dict, prefix: str, source: str, method_sections: dict) -
         if key not in fields:
             valid = [f"{prefix}{k}" for k in fields] + ([] if prefix else sorted(method_sections))
             raise _unknown_key(full, valid, source)
-        expected = hints[key]
+        name = fields[key].name
+        expected = hints[name]
         if dataclasses.is_dataclass(expected):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give its keys, e.g. {full}.<key>=..., in {source}")
-            _apply(getattr(obj, key), value, f"{full}.", source, method_sections)
+            _apply(getattr(obj, name), value, f"{full}.", source, method_sections)
         else:
-            setattr(obj, key, _check_value(full, value, expected, source))
+            setattr(obj, name, _check_value(full, value, expected, source))
 
 
 def nest(flat: dict) -> dict:
@@ -315,17 +364,22 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
         "lr_schedule": ("step_reference", "step", "milestones"),
         "device": ("auto", "cpu", "cuda"),
         "data.pipeline": tuple(PIPELINES),
-        "data.loader": ("ffcv", "device"),
+        "data.loader": ("auto", "ffcv", "device"),
+        "lr_scaling": ("none", "linear"),
+        "engine": ("ddp", "fsdp"),
+        "optimizer.zero": (0, 1),
     }
     for key, allowed in choices.items():
         value = get_key(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {LIST_SEP.join(allowed)}, got {value!r}")
-    positive = ("epochs", "batch_size", "lr", "ece_bins", "log_every", "data.eval_batch_size", "data.num_workers")
+            raise ConfigError(f"config key '{key}' must be one of {LIST_SEP.join(map(str, allowed))}, got {value!r}")
+    positive = ("epochs", "batch.global", "lr", "ece_bins", "log_every", "data.eval_batch_size",
+                "checkpoint_every", "eval_every")
     for key in positive:
         if not get_key(cfg, key) > 0:
             raise ConfigError(f"config key '{key}' must be > 0, got {get_key(cfg, key)!r}")
-    for key in ("momentum", "weight_decay", "threads", "data.color_jitter", "data.lighting"):
+    for key in ("momentum", "weight_decay", "threads", "data.color_jitter", "data.lighting", "data.num_workers",
+                "batch.micro_per_rank", "batch.grad_accum", "warmup_epochs"):
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key '{key}' must be >= 0, got {get_key(cfg, key)!r}")
     for key, limit in AT_MOST.items():
@@ -334,8 +388,43 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
     if not 0 <= cfg.seed < INT64[1]:  # rank r seeds with seed + r: torch takes 0 .. 2**64 - 1
         raise ConfigError(f"config key 'seed' must be >= 0 and < 2**63, got {cfg.seed}")
     _check_milestones(cfg)
+    _check_engine(cfg)
     _check_strings(cfg)
     return cfg
+
+
+def _check_engine(cfg: Config) -> None:
+    """Combinations that cannot run, refused before any work."""
+    if cfg.optimizer.zero and cfg.engine != "ddp":
+        raise ConfigError(f"optimizer.zero=1 shards the optimizer state under engine=ddp; engine={cfg.engine} "
+                          f"already shards it: drop optimizer.zero")
+    if cfg.cuda_graphs and not cfg.compile:
+        raise ConfigError("cuda_graphs=true captures the compiled model (torch.compile mode reduce-overhead); "
+                          "set compile=true as well")
+    if cfg.warmup_epochs >= cfg.epochs:
+        raise ConfigError(f"config key 'warmup_epochs' ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs}); "
+                          f"Goyal et al. warm up for 5 of 90")
+
+
+def resolve_batch(batch: BatchConfig, world_size: int) -> tuple[int, int, int]:
+    """(global, micro_per_rank, grad_accum) for `world_size` ranks: two given numbers fix the third.
+
+    A one-line ConfigError names all four numbers when they do not fit together."""
+    g, micro, accum = batch.global_, batch.micro_per_rank, batch.grad_accum
+    if not micro and not accum:
+        accum = 1
+    if not micro:
+        micro, rest = divmod(g, world_size * accum)
+    elif not accum:
+        accum, rest = divmod(g, world_size * micro)
+    else:
+        rest = g - micro * accum * world_size
+    if rest or micro * accum * world_size != g or micro < 1:
+        raise ConfigError(
+            f"batch.global={g} is not batch.micro_per_rank={batch.micro_per_rank or '?'} x batch.grad_accum="
+            f"{batch.grad_accum or '?'} x world size {world_size}; give a global batch that divides by the world "
+            f"size times the others (0 lets a key follow from the rest)")
+    return g, micro, accum
 
 
 def _check_milestones(cfg: Config) -> None:
@@ -386,8 +475,8 @@ def _scalar_items(obj, prefix: str = ""):
 
 
 def get_key(cfg, dotted: str):
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
+    for part in RENAMED_KEYS.get(dotted, dotted).split("."):
+        cfg = getattr(cfg, KEYWORD_FIELDS.get(part, part))
     return cfg
 
 
@@ -395,6 +484,7 @@ def to_dict(cfg: Config) -> dict:
     """Plain nested dict of the resolved config; the method's params sit under the method's name."""
     d = dataclasses.asdict(cfg)
     params = d.pop("method_params")
+    d["batch"] = {_key_name(k): v for k, v in d["batch"].items()}
     if params:
         d[cfg.method] = params
     return d
@@ -420,6 +510,11 @@ def identity_dict(cfg: Config) -> dict:
         for part in parents:
             node = node[part]
         node.pop(last, None)
+    # Runs made before the batch triple named the global batch `batch_size`: same name, same identity.
+    d["batch_size"] = d["batch"].pop("global")
+    for section in ("batch", "optimizer"):
+        if not d[section]:
+            del d[section]
     return d
 
 

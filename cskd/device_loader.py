@@ -25,7 +25,8 @@ RAW_MODE = 1  # ffcv.fields.rgb_image.IMAGE_MODES['raw']
 MEMORY_SHARE = 0.5  # a split may take at most this share of free device memory: the model needs the rest
 
 
-def _free_bytes(device: torch.device) -> int:
+def free_bytes(device: torch.device) -> int:
+    """Free memory on `device`: the GPU's, or the host's available RAM."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -53,7 +54,7 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
         raise ConfigError(f"data.loader=device needs one fixed image size, but {info.beton(split)} stores images of "
                           f"varying sizes; re-convert the dataset with a fixed --size, or use data.loader=ffcv")
     n, (h, w) = len(info.labels[split]), shape
-    need, free = n * h * w * 3, _free_bytes(device)
+    need, free = n * h * w * 3, free_bytes(device)
     if need > MEMORY_SHARE * free:
         raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, more than "
                         f"{MEMORY_SHARE:.0%} of the {free / 2**30:.2f} GiB free on {device}; use data.loader=ffcv")
@@ -80,8 +81,10 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
 class DeviceTrainLoader:
     """Drop-in for `cskd.ffcv_loader.TrainLoader`: the same batches, from a split held on the device."""
 
-    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard()):
-        self.images, self.labels, self.index = read_split(spec.dataset, "train", spec.device)
+    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard(), data: tuple | None = None):
+        """`data`: the split's (images, labels, index) already on `spec.device` (the synthetic split of
+        `cskd.bench`); by default it is read from `spec.dataset`."""
+        self.images, self.labels, self.index = data or read_split(spec.dataset, "train", spec.device)
         self.spec, self.shard = spec, shard
         self.order_args = spec.order_args(shard)
         self.steps = orders.steps_per_epoch(len(self.labels), spec.batch_per_rank * shard.world_size,
@@ -112,9 +115,10 @@ class DeviceTrainLoader:
 class DeviceEvalLoader:
     """Drop-in for `cskd.ffcv_loader.EvalLoader`: this rank's contiguous shard, held on the device."""
 
-    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard(), split: str = "test"):
+    def __init__(self, spec: LoaderSpec, *, shard: Shard = Shard(), split: str = "test", data: tuple | None = None):
+        """`data`: as `DeviceTrainLoader`'s, the whole split's."""
         ids = torch.from_numpy(eval_ids(spec.dataset, split, shard)).to(spec.device)
-        images, labels, index = read_split(spec.dataset, split, spec.device)
+        images, labels, index = data or read_split(spec.dataset, split, spec.device)
         self.images, self.labels, self.index = images[ids], labels[ids], index[ids]
         self.batch_size = spec.eval_batch
         self.transform = Transform(spec.pipeline, spec.dataset.meta, spec.device, spec.channels_last)

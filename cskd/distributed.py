@@ -11,8 +11,10 @@ come. That bound covers the rendezvous only; collectives keep torch's own timeou
 """
 from __future__ import annotations
 
+import gc
 import math
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from torch.distributed.constants import default_pg_nccl_timeout, default_pg_time
 from cskd.errors import ConfigError
 
 RENDEZVOUS_TIMEOUT_VAR = "CSKD_RENDEZVOUS_TIMEOUT_S"
+# Runs a launcher started side by side on one CPU pool (a Slurm task, a machine): they split its cores.
+CONCURRENT_RUNS_VAR = "CSKD_CONCURRENT_RUNS"
 DEFAULT_RENDEZVOUS_TIMEOUT_S = 300.0
 _SINGLE = "or unset WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT to run a single process"
 
@@ -149,7 +153,37 @@ def init_distributed(device_preference: str = "auto") -> DistEnv:
         store = _rendezvous(launch, backend)
         dist.init_process_group(backend=backend, store=store, rank=launch.rank, world_size=launch.world_size,
                                 **kwargs)
+        _log_layout(launch.rank)
     return DistEnv(launch.rank, launch.world_size, launch.local_rank, device)
+
+
+def node_name() -> str:
+    """This machine as the scheduler names it (Slurm's node name), else its host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
+def _log_layout(rank: int) -> None:
+    """Rank 0 prints which node holds which ranks: a multi-node run's log then shows that every node
+    joined, and where to look when one is slow."""
+    names = all_gather_objects(node_name())
+    if rank != 0:
+        return
+    ranks: dict[str, list[int]] = {}
+    for r, name in enumerate(names):
+        ranks.setdefault(name, []).append(r)
+    nodes = ", ".join(f"{name} (rank{'s' if len(rs) > 1 else ''} {_ranges(rs)})" for name, rs in ranks.items())
+    print(f"{len(names)} processes on {len(ranks)} node{'s' if len(ranks) > 1 else ''}: {nodes}", flush=True)
+
+
+def _ranges(numbers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    parts: list[list[int]] = []
+    for n in numbers:
+        if parts and n == parts[-1][-1] + 1:
+            parts[-1].append(n)
+        else:
+            parts.append([n])
+    return ",".join(f"{p[0]}-{p[-1]}" if len(p) > 1 else str(p[0]) for p in parts)
 
 
 def _rendezvous(launch: LaunchEnv, backend: str) -> dist.Store:
@@ -228,6 +262,10 @@ def session(device_preference: str = "auto"):
     env = init_distributed(device_preference)
     try:
         yield env
+        # Free what still holds the process group (a DDP reducer, FSDP or ZeRO state caught in a
+        # reference cycle) while it is alive: destroyed after it, at interpreter exit, a gloo rank
+        # could abort ("terminate called without an active exception").
+        gc.collect()
         barrier()
     finally:
         shutdown()
@@ -317,6 +355,76 @@ def device_name(env: DistEnv) -> str:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs CUDA shows this process, named as CUDA_VISIBLE_DEVICES names them: a child process
+    given one of these names as its CUDA_VISIBLE_DEVICES sees that GPU (as cuda:0). [] without GPUs."""
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [g.strip() for g in listed.split(",") if g.strip()][:count]
+
+
+def local_world_size() -> int:
+    """The processes of this run on this node (torchrun's LOCAL_WORLD_SIZE; 1 when unset)."""
+    return _env_count("LOCAL_WORLD_SIZE") or 1
+
+
+def cpus_per_rank() -> int:
+    """The CPU cores this process may use (at least 1): the default for loader workers and threads.
+
+    The pool is what the scheduler granted: Slurm's SLURM_CPUS_PER_TASK (this task's cores), else
+    SLURM_CPUS_ON_NODE (the job's cores on this node), else this process's CPU affinity. The processes
+    started on the pool split it: torchrun's LOCAL_WORLD_SIZE ranks (a Slurm task running torchrun),
+    Slurm's tasks on this node, and the CSKD_CONCURRENT_RUNS runs a launcher packed side by side. The
+    share never exceeds the affinity: Slurm may bind a task to fewer cores than it names.
+    """
+    affinity = len(os.sched_getaffinity(0))
+    # torchrun's workers of one Slurm task share that task's cores; a rank that is a Slurm task itself
+    # (submitit, srun) has them alone, although submitit exports LOCAL_WORLD_SIZE too.
+    torchrun_ranks = (_env_count("LOCAL_WORLD_SIZE") or 1) if os.environ.get("TORCHELASTIC_RUN_ID") else 1
+    in_slurm = bool(os.environ.get("SLURM_JOB_ID"))  # SLURM_* left over in a shell outside a job mean nothing
+    per_task = _env_count("SLURM_CPUS_PER_TASK") if in_slurm else None
+    on_node = _env_count("SLURM_CPUS_ON_NODE") if in_slurm else None
+    if per_task is not None:
+        pool, sharers = per_task, torchrun_ranks
+    elif on_node is not None:
+        pool, sharers = on_node, _slurm_tasks_on_node() * torchrun_ranks
+    else:
+        pool, sharers = affinity, _env_count("LOCAL_WORLD_SIZE") or 1
+    sharers *= _env_count(CONCURRENT_RUNS_VAR) or 1
+    return max(1, min(pool // sharers, affinity))
+
+
+def _env_count(name: str) -> int | None:
+    """A count of cores, tasks or processes from the environment (None if unset), or a ConfigError."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ConfigError(f"environment variable {name}={raw!r} must be a whole number >= 1 (Slurm, torchrun "
+                          f"or launch/grid.py set it); unset it where it was set by hand")
+    return int(raw)
+
+
+def _slurm_tasks_on_node() -> int:
+    """How many tasks of this Slurm job step (else job) run on this node: SLURM_STEP_TASKS_PER_NODE /
+    SLURM_TASKS_PER_NODE list them per node, compressed ('2(x3),1'), indexed by SLURM_NODEID."""
+    name = next((n for n in ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE") if os.environ.get(n)), None)
+    if name is None:
+        return 1
+    counts = []
+    for part in os.environ[name].split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if not match:
+            raise ConfigError(f"environment variable {name}={os.environ[name]!r} is not Slurm's tasks-per-node "
+                              f"list (e.g. '2(x3),1'); unset it outside a Slurm job")
+        counts += [int(match[1])] * int(match[2] or 1)
+    raw_node = os.environ.get("SLURM_NODEID", "").strip()
+    node = int(raw_node) if raw_node.isdigit() else 0
+    return max(counts[node] if node < len(counts) else counts[-1], 1)
 
 
 def slurm_job_id() -> str | None:

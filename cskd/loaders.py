@@ -2,7 +2,8 @@
 
 `data.loader` picks the implementation; both yield the same batches for the same spec and shard
 (`ffcv`: FFCV decode threads, `cskd.ffcv_loader`; `device`: the split held on the device,
-`cskd.device_loader`), so a run may switch loader when it resumes.
+`cskd.device_loader`), so a run may switch loader when it resumes. `auto` (the default) takes the
+device loader when both splits have one fixed image size and fit the memory budget, else FFCV.
 """
 from __future__ import annotations
 
@@ -28,15 +29,50 @@ class EvalBatches(Protocol):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]: ...
 
 
+def device_fit_problem(dataset: DatasetInfo, device: torch.device, ranks_on_device: int = 1) -> str | None:
+    """Why the device loader cannot hold `dataset`'s train and test splits on `device`, or None.
+
+    Budget: `MEMORY_SHARE` of the free memory, shared by the ranks of a node on the CPU (each holds
+    its own copy) and left mostly to the model on a GPU."""
+    from cskd.device_loader import MEMORY_SHARE, free_bytes
+
+    need = 0
+    for split in ("train", "test"):
+        shape = dataset.image_shape[split]
+        if shape is None:
+            return f"{dataset.beton(split)} stores images of varying sizes"
+        need += len(dataset.labels[split]) * shape[0] * shape[1] * 3
+    budget = MEMORY_SHARE * free_bytes(device) / ranks_on_device
+    if need > budget:
+        return f"its splits need {need / 2**30:.2f} GiB as uint8, above the {budget / 2**30:.2f} GiB budget on {device}"
+    return None
+
+
+def choose_loader(requested: str, dataset: DatasetInfo, device: torch.device, ranks_on_device: int) -> tuple[str, str]:
+    """(loader, why): `requested` unless it is `auto`, which takes the device loader where it fits."""
+    if requested != "auto":
+        return requested, "data.loader=" + requested
+    problem = device_fit_problem(dataset, device, ranks_on_device)
+    if problem is None:
+        return "device", "data.loader=auto: the splits fit in memory"
+    return "ffcv", f"data.loader=auto: FFCV, since {problem}"
+
+
 def loader_spec(cfg, dataset: DatasetInfo, *, world_size: int, device: torch.device,
-                sampling: Sampling = Sampling(), num_views: int = 1) -> LoaderSpec:
+                sampling: Sampling = Sampling(), num_views: int = 1, local_world_size: int = 1) -> LoaderSpec:
     """What the loaders of a run read and produce, from its config (`cskd.config.Config`)."""
+    from cskd.distributed import cpus_per_rank
+
     d = cfg.data
-    return LoaderSpec(dataset=dataset, batch_per_rank=cfg.batch_size // world_size, eval_batch=d.eval_batch_size,
+    ranks_on_device = local_world_size if device.type == "cpu" else 1
+    loader, why = choose_loader(d.loader, dataset, device, ranks_on_device)
+    num_workers = d.num_workers or cpus_per_rank()
+    return LoaderSpec(dataset=dataset, batch_per_rank=cfg.batch.global_ // world_size, eval_batch=d.eval_batch_size,
                       sampling=sampling, num_views=num_views, seed=cfg.seed, pipeline=d.pipeline,
                       color_jitter=d.color_jitter, lighting=d.lighting, device=device,
                       channels_last=cfg.channels_last and device.type == "cuda",  # CUDA only, as documented
-                      loader=d.loader, num_workers=d.num_workers, os_cache=d.os_cache)
+                      loader=loader, num_workers=num_workers, os_cache=d.os_cache,
+                      why=f"{why}; {num_workers} FFCV threads" if loader == "ffcv" else why)
 
 
 def train_loader(spec: LoaderSpec, shard: Shard) -> TrainBatches:

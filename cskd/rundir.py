@@ -2,8 +2,11 @@
 
     <run dir>/
       config.yaml      the resolved config; written first. Same identity: resume; another: refused
-      metrics.jsonl    one JSON line per finished epoch: {"epoch", "lr", "train": {...}, "test": {...}}
-      checkpoint.pt    the last finished epoch: model, optimizer, scheduler, method state, RNG, progress
+      metrics.jsonl    one JSON line per finished epoch: {"epoch", "lr", "train": {...}, "test": {...}};
+                       "test" is null in an epoch skipped by `eval_every` (the last epoch is always evaluated)
+      checkpoint.pt    the last checkpointed epoch (every `checkpoint_every`-th, and the last): model,
+                       optimizer, scheduler, method state, RNG per rank, progress; full, unsharded state,
+                       so it resumes on any number of ranks and under any engine
       best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test", "classes"}
       test_logits.pt   the last finished epoch's test logits: {"epoch", "logits": (N, C) float16, "labels": (N,)
                        int64}, in test-set order; the final epoch's once the run is done (ensembles, figures).

@@ -14,27 +14,28 @@ import math
 import os
 import sys
 import time
-from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from cskd import checkpoint as ckpt
 from cskd import distributed as D
 from cskd import rundir
 from cskd.batch import Shard
 from cskd.checkpoint import Progress
-from cskd.config import Config, load_config, to_dict
+from cskd.config import Config, load_config, resolve_batch, to_dict
 from cskd.dataset import DatasetInfo, open_dataset
-from cskd.errors import ConfigError, CskdError, NonFiniteLossError, RunDirError
+from cskd.engine import Engine, build_engine
+from cskd.errors import ConfigError, CskdError, RunDirError
 from cskd.eval import evaluate
 from cskd.loaders import EvalBatches, TrainBatches, eval_loader, loader_spec, train_loader
 from cskd.methods import METHODS, Method, MethodContext
 from cskd.models import build_model
 from cskd.plots import reliability_diagram
-from cskd.progress import EpochProgress, log
+from cskd.progress import log
+from cskd.step import peak_lr, train_one_epoch
 
 
 def lr_milestones(epochs: int, schedule: str, milestones: list[int] = ()) -> list[int]:
@@ -47,64 +48,6 @@ def lr_milestones(epochs: int, schedule: str, milestones: list[int] = ()) -> lis
     return [half, three_quarters]
 
 
-def autocast(cfg: Config, device: torch.device):
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def train_one_epoch(model, method, loader: TrainBatches, optimizer, epoch: int, cfg: Config, env: D.DistEnv) -> dict:
-    """One pass over the training order; returns loss/error/throughput averaged over all ranks."""
-    model.train()
-    device = env.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    term_sums: dict[str, torch.Tensor] = {}
-    seen = 0
-    progress = EpochProgress(env.is_main, epoch, cfg.epochs, len(loader), cfg.log_every)
-    start = time.perf_counter()
-    try:
-        for batch in loader.epoch(epoch):
-            with autocast(cfg, device):
-                out = method.loss(model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            n = len(batch.labels)
-            seen += n
-            # Accumulate on the device: no host sync per step.
-            loss_sum += out.loss.detach().double() * n
-            correct += (out.logits.detach().argmax(1) == batch.labels).sum()
-            for name, value in out.terms.items():
-                term_sums[name] = term_sums.get(name, 0) + value.double() * n
-            note = None
-            if (batch.step + 1) % cfg.log_every == 0 or batch.step + 1 == len(loader):
-                _check_finite(loss_sum, epoch, batch.step, cfg)
-                if batch.step + 1 < len(loader):  # the epoch line follows the last step anyway
-                    note = f"loss {loss_sum.item() / seen:.4f}"
-            progress.update(batch.step, seen * env.world_size, note)
-    finally:
-        progress.close()
-    elapsed = time.perf_counter() - start
-    totals = D.all_reduce_sum(torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=device),
-                                           *[term_sums[k] for k in sorted(term_sums)]]))
-    total_seen = totals[2].item()
-    stats = {"loss": totals[0].item() / total_seen, "top1_err": 100.0 * (1 - totals[1].item() / total_seen),
-             "images": int(total_seen), "time_s": elapsed, "images_per_s": total_seen / elapsed}
-    stats |= {name: totals[3 + i].item() / total_seen for i, name in enumerate(sorted(term_sums))}
-    return stats
-
-
-def _check_finite(loss_sum: torch.Tensor, epoch: int, step: int, cfg: Config) -> None:
-    """Stop on a NaN/Inf loss, agreed by all ranks so none is left waiting in a collective."""
-    bad = D.all_reduce_sum((~torch.isfinite(loss_sum)).double())
-    if bad.item() > 0:
-        raise NonFiniteLossError(
-            f"training loss became non-finite in epoch {epoch} (by step {step}); the last good checkpoint "
-            f"is kept in {os.path.join(cfg.out_dir, rundir.CHECKPOINT)} (if any epoch finished); lower lr "
-            f"(now {cfg.lr}) or check the data, then re-run with --force")
-
-
 @dataclass
 class Run:
     """What one training run works with: built by `setup`, used by `train_loop` and `finish`."""
@@ -113,13 +56,12 @@ class Run:
     env: D.DistEnv
     dataset: DatasetInfo
     method: Method
-    net: nn.Module  # the model itself: what is saved and evaluated
-    model: nn.Module  # what a training step calls: `net`, or its DDP wrapper
-    optimizer: torch.optim.Optimizer
+    engine: Engine  # net (saved, evaluated), model (what a step calls), optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_loader: TrainBatches
     test_loader: EvalBatches
     progress: Progress
+    writer: ckpt.BackgroundWriter = field(default_factory=ckpt.BackgroundWriter)
 
 
 def _main_rank_decides(env: D.DistEnv, decide):
@@ -138,37 +80,42 @@ def _main_rank_decides(env: D.DistEnv, decide):
 
 
 def _warn_unsynced_batchnorm(cfg: Config, env: D.DistEnv, net: nn.Module) -> None:
-    if (env.is_main and env.distributed and not cfg.sync_bn
+    global_batch, micro, _ = resolve_batch(cfg.batch, env.world_size)
+    if (env.is_main and micro < global_batch and not cfg.sync_bn
             and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())):
-        log(f"warning: BatchNorm normalises each rank's {cfg.batch_size // env.world_size} anchors (and CS-KD's "
-            f"partners) on their own, not the {cfg.batch_size} of the single-GPU reference; the statistics, and "
-            f"CS-KD's partner targets, differ from it. sync_bn=true (CUDA) normalises over all ranks")
+        log(f"warning: BatchNorm normalises each micro-batch of {micro} anchors (and CS-KD's partners) on its own, "
+            f"not the {global_batch} of the single-GPU reference; the statistics, and CS-KD's partner targets, "
+            f"differ from it. sync_bn=true (CUDA) normalises over all ranks")
 
 
 def _restore(run: Run) -> Progress:
-    """Load the run dir's checkpoint into the run's objects; return the saved progress."""
+    """Load the run dir's checkpoint into the run's objects; return the saved progress.
+
+    The checkpoint holds full (unsharded) state, so it resumes on any number of ranks and under any
+    engine; only the random streams are per rank, and they are restored when the count matches."""
     cfg, env = run.cfg, run.env
     path = os.path.join(cfg.out_dir, rundir.CHECKPOINT)
     saved = ckpt.load(path)
     rundir.check_same_data(cfg.out_dir, saved.get("data_sha256"), run.dataset.sha256())
     try:
-        run.net.load_state_dict(saved["model"])
-    except (RuntimeError, KeyError) as e:  # config.yaml says the same model, so the checkpoint is foreign
+        run.engine.load_full_state({"model": saved["model"], "optimizer": saved["optimizer"]})
+    except (RuntimeError, KeyError, ValueError) as e:  # config.yaml says the same model: the checkpoint is foreign
         raise RunDirError(f"{path} does not hold this run's model ({cfg.model}, {run.dataset.num_classes} classes): "
                           f"{str(e).splitlines()[0][:200]}; pass --force to start the run over") from None
-    run.optimizer.load_state_dict(saved["optimizer"])
     run.scheduler.load_state_dict(saved["scheduler"])
     run.method.load_state_dict(saved["method"])
     progress = Progress.from_checkpoint(saved)
-    if len(saved["rng"]) == env.world_size:
-        ckpt.set_rng_state(saved["rng"][env.rank])
-    elif env.is_main:
-        log(f"warning: resuming a {len(saved['rng'])}-process run with {env.world_size} processes; "
-            f"the run will not match an uninterrupted one exactly")
+    saved_world = len(saved["rng"])
+    if saved_world == env.world_size:
+        ckpt.set_rng_state(saved["rng"][env.rank], env.device)
     if env.is_main:
-        rundir.rewrite_metrics(cfg.out_dir, progress.history)  # drop lines of a half-finished epoch
+        rundir.rewrite_metrics(cfg.out_dir, progress.history)  # drop lines of epochs after the checkpoint
         _repair_best(run, progress, saved["model"])
         log(f"resuming {cfg.out_dir} after epoch {progress.epoch + 1}/{cfg.epochs}")
+        if saved_world != env.world_size:
+            log(f"resuming a {saved_world}-process run on {env.world_size} processes: the weights, optimizer and "
+                f"schedule continue; the data order and random streams are those of {env.world_size} processes, so "
+                f"the run will not match an uninterrupted one exactly")
     return progress
 
 
@@ -184,6 +131,9 @@ def _repair_best(run: Run, progress: Progress, model_state: dict) -> None:
     if best_epoch is not None and saved_epoch != best_epoch:
         if best_epoch == progress.epoch:
             ckpt.save_best(run.cfg.out_dir, model_state, best_epoch, progress.best, run.dataset.meta.get("classes"))
+        elif saved_epoch is not None and saved_epoch > progress.epoch:  # checkpoint_every > 1
+            log(f"warning: {path} holds epoch {saved_epoch + 1}, which ran after the last checkpoint (epoch "
+                f"{progress.epoch + 1}) and is trained again; it is replaced when the best improves")
         else:
             log(f"warning: {path} does not hold the best epoch ({best_epoch + 1}); it is written when the best "
                 f"improves")
@@ -197,66 +147,97 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     if cfg.sync_bn and env.distributed:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     spec = loader_spec(cfg, dataset, world_size=env.world_size, device=env.device, sampling=method.sampling(),
-                       num_views=method.num_views)
+                       num_views=method.num_views, local_world_size=D.local_world_size())
     net = net.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
     ckpt.seed_everything(cfg.seed + env.rank)
+    _, micro, _ = resolve_batch(cfg.batch, env.world_size)
     method.bind(MethodContext(env.device, dataset.num_classes, len(dataset.labels["train"]), env.rank,
-                              env.world_size, cfg.epochs, dataset.meta.get("classes"), spec.batch_per_rank))
-    optimizer = torch.optim.SGD(net.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
-                                                                                    cfg.lr_milestones), 0.1)
+                              env.world_size, cfg.epochs, dataset.meta.get("classes"), micro))
+    # A compiled model (`compile`) serves the anchors' forward and the no-grad partner forward alike
+    # (one more graph, compiled once), and the short last step (its shape, once).
+    engine = build_engine(net, env, engine=cfg.engine, zero=cfg.optimizer.zero, lr=peak_lr(cfg),
+                          momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(engine.optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
+                                                                                           cfg.lr_milestones), 0.1)
     shard = Shard(env.rank, env.world_size)
-    run = Run(cfg, env, dataset, method, net, net, optimizer, scheduler, train_loader(spec, shard),
-              eval_loader(spec, shard), Progress())
+    run = Run(cfg, env, dataset, method, engine, scheduler, train_loader(spec, shard), eval_loader(spec, shard),
+              Progress())
     if resume:
         run.progress = _restore(run)
-    if env.distributed:
-        run.model = DistributedDataParallel(net, device_ids=[env.device] if env.device.type == "cuda" else None)
     _warn_unsynced_batchnorm(cfg, env, net)
     if env.is_main:
         log(f"{cfg.method} / {cfg.model} on {dataset.path} ({len(dataset.labels['train'])} train, "
             f"{len(dataset.labels['test'])} test, {dataset.num_classes} classes) | {len(run.train_loader)} "
-            f"steps/epoch | {D.device_name(env)}")
+            f"steps/epoch | {D.device_name(env)} | {engine.layout}{' compiled' if cfg.compile else ''} | "
+            f"{spec.loader} loader ({spec.why})")
     return run
 
 
-def _save_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict, bins: dict, outputs: dict,
-                wall_s: float, rng: list) -> None:
-    """Rank 0: record the epoch, then the test logits, metrics.jsonl, checkpoint.pt and (if it is the
-    best) best.pt. The logits go first: a checkpoint never names an epoch newer than they are."""
-    cfg = run.cfg
+def _epoch_is(every: int, epoch: int, cfg: Config) -> bool:
+    """Whether `epoch` is one of every `every`-th epochs (counting from 1), or the last one."""
+    return (epoch + 1) % every == 0 or epoch + 1 == cfg.epochs
+
+
+def _record_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict | None, bins: dict | None,
+                  outputs: dict | None, wall_s: float, state: dict) -> None:
+    """Rank 0: record the epoch and hand its files to the background writer: the test logits, then
+    checkpoint.pt (when `state` holds the optimizer: a checkpoint epoch), metrics.jsonl and best.pt
+    (when the best improves; from `state["model"]`). The logits go first: a checkpoint never names an
+    epoch newer than they are."""
+    cfg, out = run.cfg, run.cfg.out_dir
     record, improved = run.progress.record(epoch, lr, train, test, bins, wall_s)
-    ckpt.save_test_logits(os.path.join(cfg.out_dir, rundir.TEST_LOGITS), epoch, outputs)
-    if improved:
-        ckpt.save_test_logits(os.path.join(cfg.out_dir, rundir.BEST_TEST_LOGITS), epoch, outputs)
-    model_state = run.net.state_dict()
-    ckpt.save(os.path.join(cfg.out_dir, rundir.CHECKPOINT), {
-        **dataclasses.asdict(run.progress), "model": model_state, "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(), "method": run.method.state_dict(), "rng": rng,
-        "config": to_dict(cfg), "classes": run.dataset.meta.get("classes"), "data_sha256": run.dataset.sha256()})
-    rundir.append_metrics(cfg.out_dir, record)
-    if improved:
-        ckpt.save_best(cfg.out_dir, model_state, epoch, test, run.dataset.meta.get("classes"))
+    classes = run.dataset.meta.get("classes")
+    checkpoint = None
+    if "optimizer" in state:  # a checkpoint epoch; `state` (engine.full_state) is a CPU copy already
+        checkpoint = {**state, **ckpt.to_cpu({  # a snapshot: training goes on changing the method's tensors
+            **dataclasses.asdict(run.progress), "scheduler": run.scheduler.state_dict(),
+            "method": run.method.state_dict(), "config": to_dict(cfg), "classes": classes,
+            "data_sha256": run.dataset.sha256()})}
+
+    def write() -> None:
+        if outputs is not None:
+            ckpt.save_test_logits(os.path.join(out, rundir.TEST_LOGITS), epoch, outputs)
+            if improved:
+                ckpt.save_test_logits(os.path.join(out, rundir.BEST_TEST_LOGITS), epoch, outputs)
+        if checkpoint is not None:
+            ckpt.save(os.path.join(out, rundir.CHECKPOINT), checkpoint)
+        rundir.append_metrics(out, record)
+        if improved:
+            ckpt.save_best(out, state["model"], epoch, test, classes)
+
+    run.writer.submit(write) if cfg.async_checkpoint else write()
+    test_note = (f"test err {test['top1_err']:.2f}% nll {test['nll']:.3f} ece {test['ece']:.2f}%" if test
+                 else "not evaluated (eval_every)")
     log(f"epoch {epoch + 1}/{cfg.epochs} | lr {lr:.4g} | train loss {train['loss']:.4f} "
-        f"err {train['top1_err']:.2f}% | test err {test['top1_err']:.2f}% "
-        f"nll {test['nll']:.3f} ece {test['ece']:.2f}% | {train['images_per_s']:.0f} img/s")
+        f"err {train['top1_err']:.2f}% | {test_note} | {train['images_per_s']:.0f} img/s")
 
 
 def train_loop(run: Run) -> None:
-    """Train and evaluate every epoch after the last saved one; rank 0 saves each."""
-    cfg, env = run.cfg, run.env
-    for epoch in range(run.progress.epoch + 1, cfg.epochs):
-        start = time.perf_counter()
-        lr = run.optimizer.param_groups[0]["lr"]
-        train_stats = train_one_epoch(run.model, run.method, run.train_loader, run.optimizer, epoch, cfg, env)
-        test_metrics, bins, outputs = evaluate(run.net, run.test_loader, env, cfg.ece_bins,
-                                               run.dataset.meta.get("superclass_of_class"))
-        run.scheduler.step()
-        wall_s = time.perf_counter() - start
-        rng = D.all_gather_objects(ckpt.rng_state())
-        if env.is_main:
-            _save_epoch(run, epoch, lr, train_stats, test_metrics, bins, outputs, wall_s, rng)
+    """Train every epoch after the last saved one; evaluate every `eval_every`-th and checkpoint every
+    `checkpoint_every`-th (and the last); rank 0 writes the files, on a thread if `async_checkpoint`."""
+    cfg, env, engine = run.cfg, run.env, run.engine
+    try:
+        for epoch in range(run.progress.epoch + 1, cfg.epochs):
+            start = time.perf_counter()
+            lr = engine.optimizer.param_groups[0]["lr"]
+            train_stats = train_one_epoch(engine, run.method, run.train_loader, epoch, cfg, env)
+            test, bins, outputs = None, None, None
+            if _epoch_is(cfg.eval_every, epoch, cfg):
+                with engine.gathered() as net:  # FSDP: whole on every rank, no collective per forward
+                    test, bins, outputs = evaluate(net, run.test_loader, env, cfg.ece_bins,
+                                                   run.dataset.meta.get("superclass_of_class"))
+            run.scheduler.step()
+            wall_s = time.perf_counter() - start
+            state = {}  # collectives: every rank takes part
+            if _epoch_is(cfg.checkpoint_every, epoch, cfg):
+                state = {**engine.full_state(), "rng": D.all_gather_objects(ckpt.rng_state(env.device))}
+            elif _epoch_is(cfg.eval_every, epoch, cfg):
+                state = engine.full_state(with_optimizer=False)  # the weights best.pt needs if the best improved
+            if env.is_main:
+                _record_epoch(run, epoch, lr, train_stats, test, bins, outputs, wall_s, state)
+    finally:
+        run.writer.join()  # the last epoch's files are on disk (or its error raised) before anything else
 
 
 def finish(run: Run) -> dict | None:
@@ -282,9 +263,7 @@ def finish(run: Run) -> dict | None:
 def main(cfg: Config, force: bool = False) -> dict | None:
     """Run (or resume, or report) the training described by `cfg`; returns the summary on rank 0."""
     _, world_size, _ = D.read_env()
-    if cfg.batch_size % world_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} does not divide by the world size {world_size}; "
-                          f"the global batch is split evenly over ranks, so use a multiple of {world_size}")
+    resolve_batch(cfg.batch, world_size)  # the batch triple fits this world size, before anything starts
     with D.session(cfg.device) as env:
         return _run(cfg, env, force)
 
@@ -293,8 +272,8 @@ def _check_batch_size(cfg: Config, dataset: DatasetInfo) -> None:
     """A global batch larger than the training split is one step over every sample, with buffers
     (and memory) for all the samples it does not have: a typo, refused before the run dir is written."""
     n = len(dataset.labels["train"])
-    if cfg.batch_size > n:
-        raise ConfigError(f"batch_size={cfg.batch_size} is larger than the {n} training samples of "
+    if cfg.batch.global_ > n:
+        raise ConfigError(f"batch.global={cfg.batch.global_} is larger than the {n} training samples of "
                           f"{dataset.path}; use at most {n}")
 
 

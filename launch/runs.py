@@ -64,7 +64,8 @@ def last_error_line(log: str | os.PathLike | None) -> str:
         lines = [l.strip() for l in Path(log).read_text(errors="replace").splitlines() if l.strip()]
     except (OSError, TypeError):
         return ""
-    errors = [l for l in lines if _EXCEPTION.match(l)] or [l for l in lines if not l.startswith(("srun:", "slurmstepd"))]
+    errors = ([l for l in lines if _EXCEPTION.match(l)]
+              or [l for l in lines if not l.startswith(("srun:", "slurmstepd"))])
     return errors[-1].removeprefix("cskd.errors.") if errors else ""
 
 

@@ -39,10 +39,16 @@ class Resources:
     time_min: int = 24 * 60
     array_parallelism: int = 256
     sbatch: dict = field(default_factory=dict)  # extra sbatch flags: account, qos, constraint, ...
+    runs_per_gpu: int = 1  # > 1: single-process runs packed into one array task, each its own process
 
     @property
     def ntasks_per_node(self) -> int:
         return self.tasks_per_node or max(self.gpus_per_node, 1)
+
+    @property
+    def runs_per_task(self) -> int:
+        """Runs in one array task: runs_per_gpu on each of the task's GPUs (a CPU task: runs_per_gpu)."""
+        return 1 if self.runs_per_gpu == 1 else self.runs_per_gpu * max(self.gpus_per_node, 1)
 
     def sbatch_flags(self) -> list[str]:
         """The request as sbatch command-line flags (what `--dry-run` shows and `--test-only` checks)."""
@@ -125,7 +131,8 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
         for job_id, state in _rows(done.stdout).items():
             states.setdefault(job_id, state)
     known_arrays = {j.split("_")[0] for j in states if "_" in j}
-    return {j: states.get(j) or "CANCELLED" for j in job_ids if j in states or ("_" in j and j.split("_")[0] in known_arrays)}
+    return {j: states.get(j) or "CANCELLED" for j in job_ids
+            if j in states or ("_" in j and j.split("_")[0] in known_arrays)}
 
 
 def _rows(text: str) -> dict[str, str]:
@@ -172,7 +179,7 @@ def make_resources(section: dict, source: str) -> Resources:
         raise SlurmError(f"{source}: unknown resources key(s) {', '.join(sorted(map(str, unknown)))}; valid: "
                          f"{', '.join(sorted(valid))} (other sbatch flags go under resources.sbatch)")
     values = {k: v for k, v in section.items() if v is not None}
-    for key in ("nodes", "array_parallelism"):
+    for key in ("nodes", "array_parallelism", "runs_per_gpu"):
         _check_int(values, key, source, minimum=1)
     for key in ("gpus_per_node",):
         _check_int(values, key, source, minimum=0)

@@ -8,7 +8,7 @@ from cskd.errors import ConfigError
 
 def test_defaults_are_the_reference_recipe():
     cfg = load_config()
-    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch_size, cfg.epochs) == (0.1, 0.9, 1e-4, 128, 200)
+    assert (cfg.lr, cfg.momentum, cfg.weight_decay, cfg.batch.global_, cfg.epochs) == (0.1, 0.9, 1e-4, 128, 200)
     cskd = load_config(None, ["method=cskd"]).method_params
     assert (cskd.temperature, cskd.lam, cskd.exclude_self) == (4.0, 1.0, False)
 
@@ -50,13 +50,13 @@ def test_wrong_types():
 
 
 def test_names_and_ranges():
-    with pytest.raises(ConfigError, match=r"unknown model 'resnet'; valid models: densenet121, densenet121_bc_cifar, preact_resnet10, .*, small_cnn$"):
+    with pytest.raises(ConfigError, match=r"unknown model 'resnet'; valid models: densenet121, densenet121_bc_cifar, preact_resnet10, .*, small_cnn, small_cnn_gn$"):
         load_config(None, ["model=resnet"])
     with pytest.raises(ConfigError, match=r"unknown method 'fskd'; valid methods: adacos, byot, ce, cskd, .*, vsoftmax$"):
         load_config(None, ["method=fskd"])
     with pytest.raises(ConfigError, match=r"'lr_schedule' must be one of"):
         load_config(None, ["lr_schedule=cosine"])
-    with pytest.raises(ConfigError, match=r"'batch_size' must be > 0"):
+    with pytest.raises(ConfigError, match=r"'batch.global' must be > 0"):
         load_config(None, ["batch_size=0"])
     with pytest.raises(ConfigError, match=r"'cskd.temperature' must be > 0"):
         load_config(None, ["method=cskd", "cskd.temperature=0"])

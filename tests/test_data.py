@@ -114,7 +114,7 @@ def test_pipeline_config_and_legacy_augment_key():
     assert (cfg.data.pipeline, cfg.data.color_jitter, cfg.data.lighting) == ("imagenet224", 0.4, 0.1)
     with pytest.raises(ConfigError, match=r"data.pipeline' must be one of cifar, tinyimagenet32, tinyimagenet64"):
         load_config(None, ["data.pipeline=imagenet"])
-    with pytest.raises(ConfigError, match=r"data.loader' must be one of ffcv, device"):
+    with pytest.raises(ConfigError, match=r"data.loader' must be one of auto, ffcv, device"):
         load_config(None, ["data.loader=gpu"])
     with pytest.raises(ConfigError, match=r"data.color_jitter' must be >= 0"):
         load_config(None, ["data.color_jitter=-1"])

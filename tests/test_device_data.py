@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from cskd import augment as A
 from cskd.batch import LoaderSpec, Sampling, Shard
 from cskd.dataset import open_dataset
-from cskd.device_loader import DeviceEvalLoader, DeviceTrainLoader
+from cskd.device_loader import DeviceEvalLoader, DeviceTrainLoader, read_split
 from cskd.errors import ConfigError
 from cskd.ffcv_loader import EvalLoader, TrainLoader
 from cskd.orders import epoch_order
@@ -61,6 +61,18 @@ def test_device_epoch_replays_when_recreated(mnist_dir):
         assert torch.equal(a.index, b.index) and torch.equal(a.images, b.images) and a.pair_index is None
     expected, _ = epoch_order(info.labels["train"], 128, 1, 0, seed=3, epoch=2, paired=False)
     assert np.array_equal(torch.cat([b.index for b in first]).numpy(), expected)
+
+
+def test_device_loaders_take_a_split_already_on_the_device(mnist_dir):
+    info = open_dataset(str(mnist_dir))
+    spec = LoaderSpec(dataset=info, batch_per_rank=256, eval_batch=700, seed=5, sampling=Sampling("class_pairs"))
+    held = [read_split(info, split, CPU) for split in ("train", "test")]
+    for a, b in zip(DeviceTrainLoader(spec, data=held[0]).epoch(1), DeviceTrainLoader(spec).epoch(1), strict=True):
+        assert all(torch.equal(getattr(a, name), getattr(b, name)) for name in FIELDS)
+    for a, b in zip(DeviceEvalLoader(spec, data=held[1]), DeviceEvalLoader(spec), strict=True):
+        assert all(torch.equal(u, v) for u, v in zip(a, b))
+    black = next(DeviceTrainLoader(spec, data=(torch.zeros_like(held[0][0]), *held[0][1:])).epoch(1))
+    assert black.images.std((0, 2, 3)).max() == 0  # the given pixels, not the dataset's
 
 
 def write_jpeg_dataset(root, shapes):

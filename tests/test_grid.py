@@ -1,6 +1,8 @@
 import csv
-import re
 import json
+import os
+import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -39,13 +41,19 @@ def test_demo_grid_cskd_beats_ce_on_every_paired_seed(tmp_path):
 
 
 def test_failed_run_is_reported_and_others_finish(mnist_dir, tmp_path):
-    """A rule sends CS-KD's learning rate through the roof: that run fails, CE finishes, both are reported."""
+    """A rule sends CS-KD's learning rate through the roof: that run fails, CE finishes, both are reported.
+    With `--gpus 0,1` the two runs go at once, each on a GPU of its own (here none exists: they train on
+    the CPU, but the assignment is recorded)."""
     grid = write_grid(tmp_path / "g.yaml", name="g", base=str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
                       overrides={"data.path": str(mnist_dir), "epochs": 1}, axes={"method": ["ce", "cskd"]},
                       rules=[{"if": {"method": "cskd"}, "set": {"lr": 1e30}}], seeds=[0])
     out = tmp_path / "out"
-    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out)], timeout=600)
+    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out), "--gpus", "0,1"],
+                  timeout=600)
     assert res.returncode == 1
+    assert "local: 2 run(s) at a time on GPU(s) 0,1, at most 1 per GPU" in res.stdout
+    assert [json.loads((out / "mnist5k" / "small_cnn" / m / "seed0" / "job.json").read_text())["gpu"]
+            for m in ("ce", "cskd")] == ["0", "1"]
     assert "FAILED" in res.stdout and "NonFiniteLossError" in res.stdout and "log:" in res.stdout
     assert (out / "mnist5k" / "small_cnn" / "ce" / "seed0" / "summary.json").exists()
     failed = yaml.safe_load((out / "mnist5k" / "small_cnn" / "cskd" / "seed0" / "config.yaml").read_text())
@@ -55,7 +63,8 @@ def test_failed_run_is_reported_and_others_finish(mnist_dir, tmp_path):
     status = run_cli([str(REPO / "launch" / "collect.py"), str(out), "--status"], timeout=120)
     assert status.returncode == 0 and "NonFiniteLossError" in status.stdout, status.stdout + status.stderr
 
-    again = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out), "--dry-run"], timeout=120)
+    again = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(out), "--dry-run"],
+                    timeout=120)
     lines = again.stdout.splitlines()
     assert any(l.startswith("skip") and "/ce/seed0" in l for l in lines)
     assert any(l.startswith("todo") and "/cskd/seed0 (was failed: NonFiniteLossError" in l for l in lines), lines
@@ -98,7 +107,7 @@ BASE = "configs/mnist5k_small_cnn.yaml"
     ({"base": BASE, "resources": {"gpus": 1}}, "unknown resources key(s) gpus"),
     ({"base": BASE, "resources": {"partition": "gpu", "nodes": 0}}, "resources.nodes must be an integer >= 1"),
     ({"base": BASE, "resources": {"partition": "gpu", "time": "1:2:3:4"}}, "time limit '1:2:3:4' is not"),
-    ({"base": BASE, "resources": {"partition": "gpu", "tasks_per_node": 3}}, "does not divide by the 3 processes"),
+    ({"base": BASE, "resources": {"partition": "gpu", "tasks_per_node": 3}}, "does not fit the 3 processes per run"),
 ])
 def test_bad_grids(tmp_path, grid, message):
     res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(write_grid(tmp_path / "g.yaml", **grid)),
@@ -199,3 +208,205 @@ def test_grid_cannot_set_its_layout_keys(tmp_path, where, grid):
 
     with pytest.raises(ConfigError, match=rf"{re.escape(where)} sets (seed|out_dir|label): seeds come from the grid's"):
         expand(write_grid(tmp_path / "g.yaml", base=BASE, **grid), tmp_path / "out")
+
+
+# --- GPUs: one per local run, K runs per GPU, packed Slurm tasks --------------------------------------
+
+
+@pytest.mark.parametrize("gpus, per_gpu, runs, expected", [
+    (["0", "1"], 1, 2, ["0", "1"]),
+    (["0", "1"], 2, 4, ["0", "1", "0", "1"]),  # every GPU gets one before any gets a second
+    (["0", "1"], 2, 3, ["0", "1", "0"]),
+    (["3"], 3, 3, ["3", "3", "3"]),
+    ([], 4, 3, [None, None, None]),  # no GPUs: every run keeps what it inherits
+])
+def test_assign_gpus(gpus, per_gpu, runs, expected):
+    from cskd.job import assign_gpus
+
+    assert assign_gpus(gpus, per_gpu, runs) == expected
+
+
+@pytest.mark.parametrize("gpus, per_gpu, runs, message", [
+    (["0", "1"], 1, 3, "3 runs at once do not fit 2 GPU(s) x 1 run(s) per GPU"),
+    (["0"], 0, 1, "--runs-per-gpu must be >= 1, got 0"),
+])
+def test_assign_gpus_refuses(gpus, per_gpu, runs, message):
+    from cskd.errors import ConfigError
+    from cskd.job import assign_gpus
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        assign_gpus(gpus, per_gpu, runs)
+
+
+def test_local_slots_and_gpu_names():
+    from cskd.errors import ConfigError
+    from launch.grid import local_gpus, local_slots
+
+    assert local_slots(["0", "1"], 2, None) == ["0", "1", "0", "1"]
+    assert local_slots(["0", "1"], 2, 3) == ["0", "1", "0"]  # --parallel caps the slots
+    assert local_slots([], 2, 3) == [None] * 3  # no GPUs: today's --parallel runs
+    assert local_gpus(" 2,0 ") == ["2", "0"]
+    with pytest.raises(ConfigError, match="--gpus 0,GPU-1 names GPU 'GPU-1', not an index"):
+        local_gpus("0,GPU-1")
+    with pytest.raises(ConfigError, match="names a GPU twice; use --runs-per-gpu"):
+        local_gpus("1,1")
+
+
+class FakeLocalJob:
+    """Ends after `polls` done() calls; remembers the GPU it was started on."""
+
+    def __init__(self, n: int, gpu, tmp_path):
+        self.job_id, self.gpu, self.polls = str(1000 + n), gpu, 2 + n
+        self.paths = type("Paths", (), {"stderr": tmp_path / f"{n}.err"})()
+        self._process = type("Proc", (), {"pid": os.getpid()})()
+
+    def done(self) -> bool:
+        self.polls -= 1
+        return self.polls <= 0
+
+    def result(self):
+        return None
+
+
+def test_run_local_gives_each_run_its_slot_gpu_and_reuses_freed_slots(tmp_path, monkeypatch):
+    import submitit
+
+    from launch import submit
+
+    started = []
+
+    class FakeExecutor:
+        def __init__(self, folder):
+            self.params = {}
+
+        def update_parameters(self, **params):
+            self.params.update(params)
+
+        def submit(self, job):
+            gpus = self.params["visible_gpus"][:self.params["gpus_per_node"]]
+            started.append((job.config["out_dir"], gpus, job.env))
+            return FakeLocalJob(len(started), gpus, tmp_path)
+
+    monkeypatch.setattr(submitit, "LocalExecutor", FakeExecutor)
+    monkeypatch.setattr(submit.time, "sleep", lambda s: None)
+    todo = [type("Run", (), {"config": type("C", (), {})(), "out_dir": tmp_path / f"r{i}"})() for i in range(3)]
+    monkeypatch.setattr(submit, "to_dict", lambda config: {"out_dir": str(config.out_dir)})
+    for run in todo:
+        run.config.out_dir = run.out_dir
+    submit.run_local(todo, ["0", "1"], tmp_path / "logs")
+    # runs 0 and 1 start on GPUs 0 and 1; run 0 ends first, and run 2 takes its GPU
+    assert [(Path(d).name, g) for d, g, _ in started] == [("r0", (0,)), ("r1", (1,)), ("r2", (0,))]
+    assert all(env == {"CSKD_CONCURRENT_RUNS": "2"} for *_, env in started)
+    assert [json.loads((r.out_dir / "job.json").read_text())["gpu"] for r in todo] == ["0", "1", "0"]
+
+
+def test_local_executor_shows_a_run_only_its_gpu(tmp_path):
+    """What run_local asks of submitit's local executor reaches the job's environment."""
+    import submitit
+
+    from launch.submit import local_parameters
+
+    executor = submitit.LocalExecutor(folder=tmp_path / "%j")
+    executor.update_parameters(timeout_min=5, **local_parameters("1"))
+    on_gpu = executor.submit(os.getenv, "CUDA_VISIBLE_DEVICES")  # importable in the job, unlike a test's function
+    executor.update_parameters(**local_parameters(None))
+    without = executor.submit(os.getenv, "CUDA_VISIBLE_DEVICES")
+    assert (on_gpu.result(), without.result()) == ("1", "")
+
+
+def _packed_grid(tmp_path, data_dir, seeds=4, **resources) -> Path:
+    return write_grid(tmp_path / "packed.yaml", name="packed", base=BASE_ABS, seeds=list(range(seeds)),
+                      overrides={"data.path": str(data_dir), "epochs": 1}, axes={"method": ["ce"]},
+                      resources={"partition": "gpu", "gpus_per_node": 1, "cpus_per_task": 4, "time": 60,
+                                 **resources})
+
+
+BASE_ABS = str(REPO / BASE)
+FAKE_SBATCH = """#!/bin/bash
+# sbatch stand-in: keep the script, answer like sbatch
+cp "$1" "$FAKE_SBATCH_DIR/job.sh"
+echo "Submitted batch job 4242"
+"""
+
+
+def test_packed_grid_is_one_array_of_packed_tasks(mnist_dir, tmp_path, monkeypatch, capsys):
+    """--runs-per-gpu 2 with one GPU per task: 4 runs in 2 array tasks of 2 processes each; each task's
+    cores are split between its runs; every run's job.json names its task and a log of its own."""
+    import pickle
+
+    from launch import grid, slurm
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(FAKE_SBATCH)
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SBATCH_DIR", str(tmp_path))
+    monkeypatch.setattr(slurm, "check_reachable", lambda: None)
+    monkeypatch.setattr(slurm, "validate", lambda resources: None)
+    out = tmp_path / "out"
+    assert grid.main(["--grid", str(_packed_grid(tmp_path, mnist_dir)), "--out", str(out), "--runs-per-gpu", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "Slurm request per array task: sbatch --partition=gpu --nodes=1 --ntasks-per-node=1" in printed
+    assert "2 runs per task side by side" in printed and "submitted 4 run(s) as job array 4242 in 2 tasks" in printed
+
+    script = (tmp_path / "job.sh").read_text()
+    for flag in ("--array=0-1%2", "--gpus-per-node=1", "--cpus-per-task=4", "--ntasks-per-node=1", "--requeue",
+                 "--signal=USR2@120", "--job-name=cskd-packed"):
+        assert f"#SBATCH {flag}\n" in script, flag
+    run_dirs = [out / "mnist5k" / "small_cnn" / "ce" / f"seed{s}" for s in range(4)]
+    records = [json.loads((d / "job.json").read_text()) for d in run_dirs]
+    assert [r["job_id"] for r in records] == ["4242_0", "4242_0", "4242_1", "4242_1"]
+    tasks = {}
+    for task in ("4242_0", "4242_1"):
+        with open(out / "logs" / task / f"{task}_submitted.pkl", "rb") as f:
+            tasks[task] = pickle.load(f).function
+    assert {type(t).__name__ for t in tasks.values()} == {"PackedJob"}
+    # a preempted or timed-out task resubmits itself whole: every run resumes from its own run dir
+    assert all(t.checkpoint().function is t for t in tasks.values())
+    names = [name for t in tasks.values() for name, _ in t.runs]
+    assert [c["out_dir"] for t in tasks.values() for _, c in t.runs] == [str(d) for d in run_dirs]
+    assert all(c["threads"] == 2 for t in tasks.values() for _, c in t.runs)  # 4 cores, 2 runs
+    assert [r["log"] for r in records] == [str(out / "logs" / r["job_id"] / f"{n}.log") for r, n in zip(records, names)]
+
+
+def test_multi_process_runs_are_not_packed(tmp_path, capsys):
+    from launch import grid
+
+    code = grid.main(["--grid", str(_packed_grid(tmp_path, tmp_path / "nodata")), "--out", str(tmp_path / "out"),
+                      "--tasks-per-node", "2", "--runs-per-gpu", "2", "--dry-run"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == ("error: --runs-per-gpu 2 packs single-process runs, but these runs have 2 processes each "
+                      "(nodes x tasks per node); drop --runs-per-gpu or use --nodes 1 --tasks-per-node 1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_packed_task_reports_each_run_from_its_own_log(mnist_dir, tmp_path):
+    """The in-task runner, as a Slurm array task runs it (here through submitit's local executor): both
+    runs start, each in its own process, and fail at once for reasons of their own; each reason is in
+    its own log and in the task's log, and the task fails naming both. (A packed task whose runs train
+    is tested against the local Slurm.)"""
+    import submitit
+
+    from cskd.config import load_config, to_dict
+    from cskd.job import PackedJob, packed_log
+
+    def config(name: str, *overrides: str) -> dict:
+        return to_dict(load_config(BASE_ABS, [f"data.path={mnist_dir}", f"out_dir={tmp_path / name}", "epochs=1",
+                                              "threads=1", *overrides]))
+
+    runs = [("big", config("big", "batch_size=100000")), ("nodata", config("nodata", f"data.path={tmp_path}/none"))]
+    executor = submitit.LocalExecutor(folder=tmp_path / "logs" / "%j")
+    executor.update_parameters(timeout_min=10)
+    job = executor.submit(PackedJob(runs, runs_per_gpu=2))
+    with pytest.raises(submitit.core.utils.FailedJobError) as failed:
+        job.result()
+    said = str(failed.value)
+    assert "2 of 2 packed runs failed:" in said and f"{tmp_path / 'big'}: ConfigError: " in said, said[-2000:]
+    assert f"{tmp_path / 'nodata'}: DataError: " in said and str(packed_log(job.paths.folder, "big")) in said
+    big, nodata = (packed_log(job.paths.folder, name).read_text() for name in ("big", "nodata"))
+    assert "100000 is larger than the 4000 training samples" in big and "DataError" not in big
+    assert nodata.startswith("DataError: ") and "ConfigError" not in nodata
+    task_log = job.paths.stdout.read_text()
+    assert task_log.count("started ") == 2 and task_log.count("FAILED ") == 2, task_log

@@ -56,7 +56,7 @@ TRAIN_CASES = [
     (['label="cskd\\n#SBATCH --x"'], "config key 'label' holds the control character '\\n'"),
     ([f"threads={2**40}"], "config key 'threads' must be <= 1024"),
     ([f"ece_bins={2**40}"], "config key 'ece_bins' must be <= 10000"),
-    (["batch_size=1000000"], "batch_size=1000000 is larger than the 4000 training samples of "),
+    (["batch_size=1000000"], "batch.global=1000000 is larger than the 4000 training samples of "),
 ]
 
 

@@ -11,6 +11,7 @@ from cskd.models.pyramidnet import Bottleneck, ShakeDrop
 # Stanford Dogs, MIT-67 and the 387-class hierarchy set; 1000 = ImageNet.
 PARAM_COUNTS = {
     "small_cnn": {100: 30_196, 200: 36_696},
+    "small_cnn_gn": {100: 30_196},  # GroupNorm has BatchNorm's affine parameters
     "preact_resnet18": {100: 11_217_444, 200: 11_268_744},
     "preact_resnet10": {100: 4_946_724, 200: 4_998_024},
     "densenet121_bc_cifar": {100: 7_048_548, 200: 7_151_048},
@@ -32,6 +33,7 @@ PARAM_COUNTS = {
 # and resnext101_32x4d share resnet50's class and are only counted.
 INPUT_SIZE = {
     "small_cnn": 32,
+    "small_cnn_gn": 32,
     "preact_resnet18": 32,
     "preact_resnet10": 32,
     "densenet121_bc_cifar": 32,

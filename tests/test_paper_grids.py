@@ -81,7 +81,8 @@ def test_paper_grid_crosses_its_cells_with_the_papers_recipe(name):
         assert run.out_dir == root / dataset / cfg.model / cfg.method / f"seed{cfg.seed}"
         assert cfg.label == cfg.method
         epochs, batch = (90, 256) if dataset == "imagenet" else (200, 128 if dataset in SMALL else 32)
-        assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (epochs, batch, 0.1, 0.9, 1e-4)
+        assert (cfg.epochs, cfg.batch.global_, cfg.lr, cfg.momentum, cfg.weight_decay) == (
+            epochs, batch, 0.1, 0.9, 1e-4)
         assert (cfg.lr_schedule, cfg.nesterov, cfg.amp, cfg.sync_bn) == ("step_reference", False, False, False)
         if cfg.method in CLASSWISE:
             assert (cfg.method_params.lam, cfg.method_params.temperature) == (LAM[dataset], 4), (name, dataset)

@@ -49,12 +49,12 @@ def test_pskd_grid_crosses_its_cells_with_the_papers_recipe(name):
                                                                                          False)
         if cfg.model == "resnet152":  # ImageNet, Sec. 4.2
             assert cfg.data.path == "data/imagenet" and (cfg.data.color_jitter, cfg.data.lighting) == (0.4, 0.1)
-            assert (cfg.epochs, cfg.lr_milestones, cfg.batch_size, cfg.lr, cfg.weight_decay) == (
+            assert (cfg.epochs, cfg.lr_milestones, cfg.batch.global_, cfg.lr, cfg.weight_decay) == (
                 90, [30, 60], 256, 0.1, 1e-4)
         else:  # CIFAR-100, Sec. 4.1: PyramidNet's own batch, lr and weight decay
             assert cfg.data.path == "data/cifar100" and cfg.data.pipeline == "cifar"
             assert (cfg.epochs, cfg.lr_milestones) == (300, [150, 225])
-            assert (cfg.batch_size, cfg.lr, cfg.weight_decay) == ((64, 0.25, 1e-4) if cfg.model in PYRAMID
+            assert (cfg.batch.global_, cfg.lr, cfg.weight_decay) == ((64, 0.25, 1e-4) if cfg.model in PYRAMID
                                                                   else (128, 0.1, 5e-4))
         if cfg.method.startswith("pskd"):
             imagenet = cfg.model == "resnet152"

@@ -93,7 +93,8 @@ def test_preempted_run_requeues_resumes_and_matches_an_uninterrupted_run(mnist_d
     relaunch = run_cli([GRID, "--grid", str(grid), "--out", str(out), "--wait"], timeout=600)
     assert relaunch.returncode == 0, relaunch.stdout[-3000:] + relaunch.stderr[-3000:]
     assert "skip" in relaunch.stdout and job_record(run_dir)["job_id"] == job_id  # waited, did not resubmit
-    log = Path(job_record(run_dir)["log"]).read_text() + Path(job_record(run_dir)["log"].replace(".err", ".out")).read_text()
+    err = job_record(run_dir)["log"]
+    log = Path(err).read_text() + Path(err.replace(".err", ".out")).read_text()
     assert "preempted" in log and "resuming" in log, log[-3000:]
     def job_history() -> list[str]:  # -D: every requeue
         return subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-o", "State", "-j", job_id],
@@ -182,3 +183,23 @@ def test_failing_run_is_reported_with_its_log_and_others_finish(mnist_dir, tmp_p
     assert len(failed) == 1 and "cskd/seed0" in failed[0] and "NonFiniteLossError" in failed[0], res.stderr
     log = failed[0].rsplit("(log: ", 1)[1].rstrip(")")
     assert "NonFiniteLossError" in Path(log).read_text()
+
+
+def test_packed_runs_share_one_array_task(mnist_dir, tmp_path):
+    """--runs-per-gpu 2 on a CPU partition: CE and a CS-KD run whose loss overflows share one array task,
+    each its own process with half of the task's cores and a log of its own. CE finishes; CS-KD is
+    reported failed with the error from its own log."""
+    grid = write_grid(tmp_path / "pack.yaml", mnist_dir, axes={"method": ["ce", "cskd"]}, seeds=[0],
+                      rules=[{"if": {"method": "cskd"}, "set": {"lr": 1e30}}], resources={"cpus_per_task": 2})
+    out = tmp_path / "out"
+    res = run_cli([GRID, "--grid", str(grid), "--out", str(out), "--runs-per-gpu", "2", "--wait"], timeout=600)
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    ce, cskd = (out / "mnist5k" / "small_cnn" / m / "seed0" for m in ("ce", "cskd"))
+    records = [job_record(r) for r in (ce, cskd)]
+    assert records[0]["job_id"] == records[1]["job_id"] and records[0]["log"] != records[1]["log"]
+    assert json.loads((ce / "summary.json").read_text())["world_size"] == 1
+    assert "done: final test err" in Path(records[0]["log"]).read_text()
+    assert all(yaml.safe_load((r / "config.yaml").read_text())["threads"] == 1 for r in (ce, cskd))  # 2 cores, 2 runs
+    failed = [l for l in res.stderr.splitlines() if l.startswith("failed:")]
+    assert len(failed) == 1 and f"{cskd}: FAILED: NonFiniteLossError: " in failed[0], res.stderr
+    assert failed[0].endswith(f"(log: {records[1]['log']})")

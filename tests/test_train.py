@@ -71,7 +71,9 @@ def test_bad_input_one_line_errors(mnist_dir, tmp_path, overrides, message):
 def test_batch_size_must_divide_by_world_size(mnist_dir, tmp_path):
     env = {"WORLD_SIZE": "3", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     res = run_cli(train_args(mnist_dir, tmp_path / "r", "batch_size=128"), timeout=120, env=env)
-    assert res.returncode == 2 and "batch_size=128 does not divide by the world size 3" in res.stderr
+    assert res.returncode == 2
+    assert ("batch.global=128 is not batch.micro_per_rank=? x batch.grad_accum=? x world size 3" in res.stderr
+            and len(res.stderr.strip().splitlines()) == 1)
 
 
 class NanAfterFirstEpoch(Method):
@@ -115,4 +117,4 @@ def test_torchrun_two_processes(ddp_cskd_run):
     assert [l["train"]["images"] for l in lines] == [4000, 4000]  # both ranks' anchors, each once
     assert res.stdout.count("epoch 2/2 |") == 1  # only rank 0 reports
     # per-rank BatchNorm is not the reference's: said once, by rank 0
-    assert res.stdout.count("warning: BatchNorm normalises each rank's 64 anchors") == 1
+    assert res.stdout.count("warning: BatchNorm normalises each micro-batch of 64 anchors") == 1
