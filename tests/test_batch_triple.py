@@ -98,3 +98,25 @@ def test_split_batch_keeps_pairs_views_and_order(paired):
             assert p.pair_images is None
     assert split_batch(_batch(3, paired), 1)[0].labels.shape == (3,)
     assert len(split_batch(_batch(2, paired), 4)) == 2  # a shard smaller than the parts: one per anchor
+
+
+def test_background_writer_runs_jobs_in_order_and_raises_their_error():
+    from cskd.checkpoint import BackgroundWriter, to_cpu
+
+    done, writer = [], BackgroundWriter()
+    for i in range(3):
+        writer.submit(lambda i=i: done.append(i))
+    writer.join()
+    assert done == [0, 1, 2]
+
+    def fail():
+        raise OSError("disk full")
+
+    writer.submit(fail)
+    with pytest.raises(OSError, match="disk full"):
+        writer.join()
+    writer.join()  # raised once
+    live = {"w": torch.ones(2), "nested": [torch.zeros(1)]}
+    snapshot = to_cpu(live)
+    live["w"].add_(1)
+    assert snapshot["w"].tolist() == [1.0, 1.0] and snapshot["nested"][0].tolist() == [0.0]

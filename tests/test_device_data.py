@@ -215,3 +215,25 @@ def test_cli_train_with_device_loader(mnist_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary
+
+
+def _info(shape, n_train: int = 1000):
+    from pathlib import Path
+
+    from cskd.dataset import DatasetInfo
+
+    labels = {"train": np.zeros(n_train, dtype=np.int64), "test": np.zeros(100, dtype=np.int64)}
+    return DatasetInfo(Path("/data/x"), {"num_classes": 10}, labels, {"train": shape, "test": shape})
+
+
+def test_loader_auto_takes_the_device_where_the_splits_fit_else_ffcv_saying_why():
+    from cskd.loaders import choose_loader
+
+    cpu = torch.device("cpu")
+    assert choose_loader("auto", _info((32, 32)), cpu, 1) == ("device", "data.loader=auto: the splits fit in memory")
+    loader, why = choose_loader("auto", _info(None), cpu, 1)
+    assert loader == "ffcv" and "stores images of varying sizes" in why
+    loader, why = choose_loader("auto", _info((4096, 4096), n_train=10**6), cpu, 1)  # 50 TB as uint8
+    assert loader == "ffcv" and "above the" in why and "GiB budget on cpu" in why
+    assert choose_loader("ffcv", _info((32, 32)), cpu, 1)[0] == "ffcv"  # asked for: kept
+    assert choose_loader("device", _info(None), cpu, 1)[0] == "device"  # (read_split then refuses it)
