@@ -65,7 +65,7 @@ class LoaderSpec:
     lighting: float = 0.0
     device: torch.device = torch.device("cpu")
     channels_last: bool = False
-    loader: str = "ffcv"  # "ffcv" (decode threads) or "device" (the split held as one tensor)
+    loader: str = "ffcv"  # "ffcv" (decode threads), "device" (the split held as one tensor), "jpeg" (decoded there)
     num_workers: int = 1  # FFCV decode threads
     os_cache: bool = True  # FFCV: share the page cache between the ranks of a node
     why: str = ""  # why this loader (and thread count): said in the run's log

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import math
 import typing
 from dataclasses import dataclass, field
@@ -42,6 +43,11 @@ NON_EMPTY_KEYS = ("out_dir", "data.path")  # an empty path is the current direct
 # Counts that size a thread pool or an allocation of their own: beyond these torch overflows its C
 # int or allocates terabytes, after the run dir was written. Far above any real use.
 AT_MOST = {"threads": 1024, "data.num_workers": 1024, "ece_bins": 10_000}
+# engine=deepspeed is an optional extra: refused, before any work, where DeepSpeed is not installed.
+DEEPSPEED_MISSING = ("engine=deepspeed needs DeepSpeed, which is not installed: pip install '.[deepspeed]' "
+                     "(or pip install deepspeed), or set engine=ddp")
+DEEPSPEED_COMPILE = ("compile=true is not supported under engine=deepspeed (DeepSpeed compiles through its own "
+                     "engine.compile()): set compile=false, or engine=ddp to compile")
 
 
 @dataclass
@@ -53,7 +59,8 @@ class DataConfig:
     color_jitter: float = 0.0  # ColorJitter(b=c=s=x) after the flip; PS-KD's ImageNet recipe uses 0.4
     lighting: float = 0.0  # PCA lighting noise std; PS-KD's ImageNet recipe uses 0.1
     # auto: device where the splits fit (fixed image size, memory budget), else ffcv. ffcv: FFCV decode
-    # threads. device: the whole (fixed-size) split held on the device.
+    # threads. device: the whole (fixed-size) split held on the device. jpeg: JPEGs decoded batched on
+    # the run's device, nvJPEG on a GPU (cskd/jpeg_loader.py).
     loader: str = "auto"
     num_workers: int = 0  # FFCV decoding threads per process; 0: the cores Slurm or the machine gives each rank
     eval_batch_size: int = 500  # per rank
@@ -75,7 +82,9 @@ class BatchConfig:
 
 @dataclass
 class OptimizerConfig:
-    zero: int = 0  # 1: optimizer state sharded over ranks (ZeroRedundancyOptimizer), engine ddp only
+    # ZeRO stage. 1: optimizer state sharded over ranks (engine ddp: ZeroRedundancyOptimizer; engine
+    # deepspeed: DeepSpeed's ZeRO-1). 2: gradients sharded as well, engine deepspeed only.
+    zero: int = 0
 
 
 @dataclass
@@ -102,7 +111,8 @@ class Config:
     warmup_epochs: int = 0  # the LR rises linearly, step by step, over these first epochs (Goyal et al.: 5)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     # ddp: DistributedDataParallel (one process: none). fsdp: FSDP2 fully_shard (parameters, gradients
-    # and optimizer state sharded), for the largest models or memory-bound runs.
+    # and optimizer state sharded), for the largest models or memory-bound runs. deepspeed: the
+    # DeepSpeed engine, ZeRO stage optimizer.zero (optional extra: pip install '.[deepspeed]').
     engine: str = "ddp"
     compile: bool = False  # torch.compile the model (training and no-grad forwards)
     cuda_graphs: bool = False  # with compile on one GPU: mode reduce-overhead (CUDA graphs)
@@ -364,10 +374,10 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
         "lr_schedule": ("step_reference", "step", "milestones"),
         "device": ("auto", "cpu", "cuda"),
         "data.pipeline": tuple(PIPELINES),
-        "data.loader": ("auto", "ffcv", "device"),
+        "data.loader": ("auto", "ffcv", "device", "jpeg"),
         "lr_scaling": ("none", "linear"),
-        "engine": ("ddp", "fsdp"),
-        "optimizer.zero": (0, 1),
+        "engine": ("ddp", "fsdp", "deepspeed"),
+        "optimizer.zero": (0, 1, 2),
     }
     for key, allowed in choices.items():
         value = get_key(cfg, key)
@@ -393,11 +403,23 @@ def validate(cfg: Config, method_sections: dict[str, dict] | None = None) -> Con
     return cfg
 
 
+def deepspeed_installed() -> bool:
+    """Whether DeepSpeed can be imported here (looked up, not imported: importing it takes seconds)."""
+    return importlib.util.find_spec("deepspeed") is not None
+
+
 def _check_engine(cfg: Config) -> None:
     """Combinations that cannot run, refused before any work."""
-    if cfg.optimizer.zero and cfg.engine != "ddp":
-        raise ConfigError(f"optimizer.zero=1 shards the optimizer state under engine=ddp; engine={cfg.engine} "
-                          f"already shards it: drop optimizer.zero")
+    if cfg.engine == "deepspeed" and not deepspeed_installed():
+        raise ConfigError(DEEPSPEED_MISSING)
+    if cfg.optimizer.zero == 2 and cfg.engine != "deepspeed":
+        raise ConfigError(f"config key 'optimizer.zero' must be one of 0, 1 under engine={cfg.engine}; "
+                          f"optimizer.zero=2 (gradients sharded as well) needs engine=deepspeed")
+    if cfg.optimizer.zero and cfg.engine == "fsdp":
+        raise ConfigError(f"optimizer.zero={cfg.optimizer.zero} shards the optimizer state under engine=ddp or "
+                          f"deepspeed; engine=fsdp already shards it: drop optimizer.zero")
+    if cfg.compile and cfg.engine == "deepspeed":
+        raise ConfigError(DEEPSPEED_COMPILE)
     if cfg.cuda_graphs and not cfg.compile:
         raise ConfigError("cuda_graphs=true captures the compiled model (torch.compile mode reduce-overhead); "
                           "set compile=true as well")

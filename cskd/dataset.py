@@ -16,6 +16,7 @@ import torch
 
 from cskd import orders
 from cskd.batch import Shard
+from cskd.beton import read_beton
 from cskd.errors import DataError
 
 SPLITS = ("train", "test")
@@ -75,28 +76,26 @@ def import_ffcv() -> None:
 def _read_beton(path: Path, expected_bytes: int | None, hint: str
                 ) -> tuple[np.ndarray, tuple[int, int] | None]:
     """Labels and fixed image shape (None if sizes vary) of a .beton after checking it is complete."""
-    import_ffcv()
-    from ffcv.reader import Reader
-
     size = path.stat().st_size
     if expected_bytes is not None and size != expected_bytes:
         raise DataError(f"{path} has {size} bytes but meta.json records {expected_bytes}: it is truncated or "
                         f"was modified; {hint} --force")
     try:
-        reader = Reader(str(path))
-        end = int((reader.alloc_table["ptr"] + reader.alloc_table["size"]).max(initial=0))
-    except Exception as e:  # FFCV raises assorted errors (AssertionError, IndexError, ValueError) on bad files
-        raise DataError(f"{path} is not a readable FFCV file ({type(e).__name__}: {e}); {hint} --force") from None
-    if end > size or len(reader.alloc_table) < reader.num_samples:
+        beton = read_beton(path)
+    except ValueError as e:
+        raise DataError(f"{path} is not a readable FFCV file ({e}); {hint} --force") from None
+    table = beton.alloc_table
+    end = int((table["ptr"] + table["size"]).max(initial=0))
+    if end > size or len(table) < beton.num_samples:
         raise DataError(f"{path} is truncated (its samples need {end} bytes, the file has {size}); {hint} --force")
-    missing = [f for f in FIELDS if f not in reader.field_names]
+    missing = [f for f in FIELDS if f not in beton.field_names]
     if missing:
-        raise DataError(f"{path} lacks the field(s) {', '.join(missing)} (has {', '.join(reader.field_names)}); "
+        raise DataError(f"{path} lacks the field(s) {', '.join(missing)} (has {', '.join(beton.field_names)}); "
                         f"{hint} --force")
-    images = reader.metadata[f"f{reader.field_names.index('image')}"]
+    images = beton.field("image")
     fixed = len(images) and all(images[k].min() == images[k].max() for k in ("height", "width"))
     shape = (int(images["height"][0]), int(images["width"][0])) if fixed else None
-    return np.asarray(reader.metadata[f"f{reader.field_names.index('label')}"], dtype=np.int64), shape
+    return np.asarray(beton.field("label"), dtype=np.int64), shape
 
 
 def _check_meta(meta, meta_path: Path, hint: str) -> tuple[dict, int]:

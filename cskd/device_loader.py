@@ -18,6 +18,7 @@ import torch
 from cskd import orders
 from cskd.augment import Transform
 from cskd.batch import Batch, LoaderSpec, Shard, epoch_generator, make_batch
+from cskd.beton import read_beton
 from cskd.dataset import DatasetInfo, eval_ids, import_ffcv
 from cskd.errors import ConfigError, DataError
 
@@ -35,6 +36,7 @@ def free_bytes(device: torch.device) -> int:
 def _decode_all(path: str, num_samples: int) -> np.ndarray:
     """Every image of a fixed-size .beton with JPEG samples, decoded by FFCV itself (a SEQUENTIAL pass),
     so the pixels are exactly those the FFCV loader would produce."""
+    import_ffcv()
     from ffcv.fields.decoders import SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
     from ffcv.transforms import ToTensor
@@ -58,22 +60,18 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
     if need > MEMORY_SHARE * free:
         raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, more than "
                         f"{MEMORY_SHARE:.0%} of the {free / 2**30:.2f} GiB free on {device}; use data.loader=ffcv")
-    import_ffcv()
-    from ffcv.reader import Reader
-
-    reader = Reader(info.beton(split))
-    meta = reader.metadata
-    image_meta = meta[f"f{reader.field_names.index('image')}"]
+    beton = read_beton(info.beton(split))  # checked by open_dataset
+    image_meta = beton.field("image")
     if (image_meta["mode"] == RAW_MODE).all():
-        # FFCV's raw "decode" is a memcpy of the stored H x W x 3 bytes: read them directly, no JIT.
-        data = np.memmap(info.beton(split), dtype=np.uint8, mode="r")
+        # FFCV's raw "decode" is a memcpy of the stored H x W x 3 bytes: read them directly, no FFCV import.
+        data = beton.data
         images = np.empty((n, h, w, 3), dtype=np.uint8)
         size = h * w * 3
         for i, ptr in enumerate(image_meta["data_ptr"].astype(np.int64)):
             images[i] = data[ptr:ptr + size].reshape(h, w, 3)
     else:
         images = _decode_all(info.beton(split), n)
-    index = np.asarray(meta[f"f{reader.field_names.index('index')}"], dtype=np.int64)
+    index = np.asarray(beton.field("index"), dtype=np.int64)
     return (torch.from_numpy(images).to(device), torch.tensor(info.labels[split], device=device),
             torch.tensor(index, device=device))
 

@@ -8,6 +8,11 @@ an `Engine`:
   optimizer.zero=1 shards the SGD state over the ranks (ZeroRedundancyOptimizer).
 - engine=fsdp: FSDP2 `fully_shard` on each top-level block of the model, then on the model:
   parameters, gradients and SGD state sharded. It runs on CPU with gloo as well as on CUDA.
+- engine=deepspeed: the DeepSpeed engine with ZeRO stage `zero` (0, 1 or 2), an optional extra
+  (`cskd.engine_deepspeed`).
+
+A training step calls `model(x)`, `backward(loss)` for each micro-batch (all but the last under
+`no_sync()`), then `step()`: every engine implements them, so the step does not know which one runs.
 
 A checkpoint must resume under any engine and any world size, so `Engine.full_state()` is the same
 dict everywhere: the model's full `state_dict()` and the optimizer state dict exactly as a
@@ -35,10 +40,11 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map_only
 
+from cskd.config import DEEPSPEED_COMPILE, DEEPSPEED_MISSING, deepspeed_installed
 from cskd.distributed import DistEnv
 from cskd.errors import ConfigError
 
-ENGINES = ("ddp", "fsdp")
+ENGINES = ("ddp", "fsdp", "deepspeed")
 # Gathered onto rank 0 and copied to the CPU; the other ranks get {} (what a checkpoint writes).
 _GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
 # Every rank passes the full state; each keeps what it holds (its shard under FSDP).
@@ -52,15 +58,25 @@ _DDP_OPTIONS = inspect.signature(DistributedDataParallel.__init__).parameters
 
 @dataclass
 class Engine:
-    """A built model ready to train: `model(x)` in the training step, `optimizer.step()` after it."""
+    """A built model ready to train: `model(x)` in the training step, `backward(loss)` on each
+    micro-batch, `step()` after the last."""
 
     net: nn.Module  # the model itself: evaluated, exported (under fsdp, the fully_shard'ed module)
-    model: nn.Module  # what a training step calls: the DDP wrapper, or `net`; compiled if asked
-    optimizer: torch.optim.Optimizer
+    model: nn.Module  # what a training step calls: the DDP or DeepSpeed wrapper, or `net`; compiled if asked
+    optimizer: torch.optim.Optimizer  # SGD: its param_groups hold the LR the schedule and warmup set
     env: DistEnv
-    layout: str  # what runs, for logs: "single", "ddp", "ddp+zero1" or "fsdp"
+    layout: str  # what runs, for logs: "single", "ddp", "ddp+zero1", "fsdp" or "deepspeed+zeroN"
     _ddp: DistributedDataParallel | None = field(default=None, repr=False)
     _names: list[str] = field(default_factory=list, repr=False)  # the name of optimizer parameter i
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Add the gradient of `loss` (a micro-batch's share of the step's loss) to the gradients."""
+        loss.backward()
+
+    def step(self) -> None:
+        """The optimizer step on the accumulated gradients, then the gradients dropped."""
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     def no_sync(self):
         """Context manager for the micro-steps of gradient accumulation but the last: backward adds
@@ -98,8 +114,7 @@ class Engine:
         `with_optimizer=False`: the model alone (best.pt of an epoch that is not checkpointed)."""
         state = {"model": get_model_state_dict(self.net, options=_GATHER)}
         if with_optimizer:
-            zero = isinstance(self.optimizer, ZeroRedundancyOptimizer)
-            state["optimizer"] = self._zero_state() if zero else self._sgd_state()
+            state["optimizer"] = self._full_optimizer_state()
         if not self.env.is_main:
             return {}
         if self.env.device.type == "cuda":  # copies to the CPU may be non_blocking (ZeRO's are): let them land
@@ -127,6 +142,10 @@ class Engine:
 
     # --- the optimizer state in single-process SGD layout ---------------------------------------
 
+    def _full_optimizer_state(self) -> dict:
+        """Collective: the optimizer's state in single-process SGD layout on rank 0, {} elsewhere."""
+        return self._zero_state() if isinstance(self.optimizer, ZeroRedundancyOptimizer) else self._sgd_state()
+
     def _sgd_state(self) -> dict:
         if not self.optimizer.state:
             # Nothing to gather. DCP would first create the state with a zero-lr step, which fills
@@ -153,12 +172,16 @@ class Engine:
 
     def _by_name(self, saved: dict) -> dict:
         """A state in `optimizer.state_dict()`'s layout, keyed by parameter name as DCP takes it."""
+        self._check_ids(saved)
+        return {"state": {self._names[i]: s for i, s in saved["state"].items()},
+                "param_groups": [{**g, "params": [self._names[i] for i in g["params"]]} for g in saved["param_groups"]]}
+
+    def _check_ids(self, saved: dict) -> None:
+        """ValueError unless `saved` names parameters of this optimizer only."""
         ids = {i for g in saved["param_groups"] for i in g["params"]} | set(saved["state"])
         if not ids <= set(range(len(self._names))):
             raise ValueError(f"loaded optimizer state names parameter {max(ids)}, the optimizer has "
                              f"{len(self._names)} parameters (0..{len(self._names) - 1})")
-        return {"state": {self._names[i]: s for i, s in saved["state"].items()},
-                "param_groups": [{**g, "params": [self._names[i] for i in g["params"]]} for g in saved["param_groups"]]}
 
     def _fit_optimizer_state(self, saved: dict) -> dict:
         """A copy of `saved` with this optimizer's step implementation (a CUDA run's fused=True
@@ -205,17 +228,23 @@ def _copied(tree, copy: bool):
 
 def build_engine(net: nn.Module, env: DistEnv, *, engine: str = "ddp", zero: int = 0, lr: float, momentum: float,
                  weight_decay: float, nesterov: bool = False, fused: bool | None = None, compile: bool = False,
-                 cuda_graphs: bool = False) -> Engine:
+                 cuda_graphs: bool = False, batch: tuple[int, int, int] | None = None,
+                 autocast: torch.dtype | None = None) -> Engine:
     """Wrap `net` (built identically on every rank, on `env.device`) for `engine` and make its SGD.
 
     One process has nothing to split: it trains `net` itself, whatever `engine` and `zero` say (its
     state is the same). `fused`: None takes the fused SGD step on CUDA (one kernel for all
     parameters) and the foreach step otherwise. `compile`: torch.compile the training call
-    (`model`), with CUDA graphs (mode reduce-overhead) if `cuda_graphs`; `net` stays eager."""
+    (`model`), with CUDA graphs (mode reduce-overhead) if `cuda_graphs`; `net` stays eager.
+    `batch` (global, micro_per_rank, grad_accum) and `autocast` (the dtype the training step's
+    forward autocasts to, `cskd.step.autocast_dtype`) are what engine=deepspeed's config states;
+    the other engines need neither."""
     _check(env, engine, zero, momentum, nesterov, fused, compile, cuda_graphs)
     ddp = None
     if not env.distributed:
         layout = "single"
+    elif engine == "deepspeed":
+        layout = "deepspeed"
     elif engine == "fsdp":
         layout = "fsdp"
         _shard(net, env)
@@ -224,6 +253,10 @@ def build_engine(net: nn.Module, env: DistEnv, *, engine: str = "ddp", zero: int
         ddp = _wrap_ddp(net, env)
     hyper = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                  **_step_kernel(env, layout, fused))
+    if layout == "deepspeed":
+        from cskd.engine_deepspeed import build_deepspeed  # imports DeepSpeed: only when it runs
+
+        return build_deepspeed(net, env, zero=zero, sgd=hyper, batch=batch, autocast=autocast)
     if layout == "ddp+zero1":
         optimizer = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=torch.optim.SGD, **hyper)
     else:
@@ -243,10 +276,18 @@ def _check(env: DistEnv, engine: str, zero: int, momentum: float, nesterov: bool
     """Every combination that cannot run, as one line naming the key and the fix."""
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not one of {', '.join(ENGINES)}: set engine=ddp "
-                          f"(DistributedDataParallel) or engine=fsdp (FSDP2, parameters sharded)")
-    if zero not in (0, 1):
+                          f"(DistributedDataParallel), engine=fsdp (FSDP2, parameters sharded) or engine=deepspeed")
+    if engine == "deepspeed" and not deepspeed_installed():
+        raise ConfigError(DEEPSPEED_MISSING)
+    if engine == "deepspeed" and zero not in (0, 1, 2):
+        raise ConfigError(f"optimizer.zero={zero!r} is not 0, 1 or 2 (the ZeRO stages engine=deepspeed runs here): "
+                          f"for parameters sharded as well (stage 3) use engine=fsdp")
+    if engine != "deepspeed" and zero not in (0, 1):
         raise ConfigError(f"optimizer.zero={zero!r} is not 0 or 1: optimizer.zero=1 shards the optimizer state "
-                          f"(engine=ddp); engine=fsdp shards parameters and gradients as well")
+                          f"(engine=ddp); engine=fsdp shards parameters and gradients as well; zero=2 (gradients "
+                          f"too) needs engine=deepspeed")
+    if compile and engine == "deepspeed":
+        raise ConfigError(DEEPSPEED_COMPILE)
     if zero and engine == "fsdp":
         raise ConfigError("optimizer.zero=1 shards the optimizer state under engine=ddp; engine=fsdp already "
                           "shards it: drop optimizer.zero")
@@ -270,7 +311,8 @@ def _check(env: DistEnv, engine: str, zero: int, momentum: float, nesterov: bool
 
 def _step_kernel(env: DistEnv, layout: str, fused: bool | None) -> dict:
     """fused: the whole SGD step in one kernel (CUDA); foreach: a few batched kernels. FSDP2's
-    sharded DTensor parameters take foreach only (see `_check`)."""
+    sharded DTensor parameters take foreach only (see `_check`). Under DeepSpeed's ZeRO the SGD
+    steps this rank's flat fp32 partition: one tensor, either way."""
     if fused is None:
         fused = env.device.type == "cuda" and layout != "fsdp"
     return {"fused": True} if fused else {"foreach": True}

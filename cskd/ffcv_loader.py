@@ -18,7 +18,7 @@ import torch
 from cskd import orders
 from cskd.augment import PIPELINES, Transform
 from cskd.batch import Batch, LoaderSpec, Shard, epoch_generator, make_batch
-from cskd.dataset import DatasetInfo, eval_ids
+from cskd.dataset import DatasetInfo, eval_ids, import_ffcv
 from cskd.errors import ConfigError
 
 
@@ -45,6 +45,7 @@ def _order_factory(order_cls, **kwargs):
 
 
 def _make_orders():
+    import_ffcv()  # the first FFCV import of a run (both loaders start here): keep torch's thread count
     from ffcv.traversal_order.base import TraversalOrder
 
     class EpochOrder(TraversalOrder):

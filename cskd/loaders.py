@@ -1,9 +1,12 @@
 """The one factory of the data path: a `LoaderSpec` from the config, and a loader from the spec.
 
-`data.loader` picks the implementation; both yield the same batches for the same spec and shard
-(`ffcv`: FFCV decode threads, `cskd.ffcv_loader`; `device`: the split held on the device,
-`cskd.device_loader`), so a run may switch loader when it resumes. `auto` (the default) takes the
-device loader when both splits have one fixed image size and fit the memory budget, else FFCV.
+`data.loader` picks the implementation; `ffcv` and `device` yield the same batches for the same spec
+and shard (`ffcv`: FFCV decode threads, `cskd.ffcv_loader`; `device`: the split held on the device,
+`cskd.device_loader`), so a run may switch between them when it resumes. `jpeg` (`cskd.jpeg_loader`)
+decodes JPEG-stored splits on the run's device (nvJPEG on a GPU): the same orders and batch structure,
+seeded crops, but its own resampling (pixels a few levels off FFCV's); it is opt-in until its speed
+on a GPU has been measured. `auto` (the default) takes the device loader when both splits have one
+fixed image size and fit the memory budget, else FFCV.
 """
 from __future__ import annotations
 
@@ -67,12 +70,13 @@ def loader_spec(cfg, dataset: DatasetInfo, *, world_size: int, device: torch.dev
     ranks_on_device = local_world_size if device.type == "cpu" else 1
     loader, why = choose_loader(d.loader, dataset, device, ranks_on_device)
     num_workers = d.num_workers or cpus_per_rank()
+    threads = {"ffcv": "FFCV threads", "jpeg": "decode threads" if device.type == "cpu" else ""}.get(loader)
     return LoaderSpec(dataset=dataset, batch_per_rank=cfg.batch.global_ // world_size, eval_batch=d.eval_batch_size,
                       sampling=sampling, num_views=num_views, seed=cfg.seed, pipeline=d.pipeline,
                       color_jitter=d.color_jitter, lighting=d.lighting, device=device,
                       channels_last=cfg.channels_last and device.type == "cuda",  # CUDA only, as documented
                       loader=loader, num_workers=num_workers, os_cache=d.os_cache,
-                      why=f"{why}; {num_workers} FFCV threads" if loader == "ffcv" else why)
+                      why=f"{why}; {num_workers} {threads}" if threads else why)
 
 
 def train_loader(spec: LoaderSpec, shard: Shard) -> TrainBatches:
@@ -81,6 +85,10 @@ def train_loader(spec: LoaderSpec, shard: Shard) -> TrainBatches:
         from cskd.device_loader import DeviceTrainLoader
 
         return DeviceTrainLoader(spec, shard=shard)
+    if spec.loader == "jpeg":
+        from cskd.jpeg_loader import JpegTrainLoader
+
+        return JpegTrainLoader(spec, shard=shard)
     from cskd.ffcv_loader import TrainLoader
 
     return TrainLoader(spec, shard=shard)
@@ -92,6 +100,10 @@ def eval_loader(spec: LoaderSpec, shard: Shard, split: str = "test") -> EvalBatc
         from cskd.device_loader import DeviceEvalLoader
 
         return DeviceEvalLoader(spec, shard=shard, split=split)
+    if spec.loader == "jpeg":
+        from cskd.jpeg_loader import JpegEvalLoader
+
+        return JpegEvalLoader(spec, shard=shard, split=split)
     from cskd.ffcv_loader import EvalLoader
 
     return EvalLoader(spec, shard=shard, split=split)

@@ -4,7 +4,8 @@ A step's per-rank batch (`batch.global / world size` anchors, as the order gives
 `grad_accum` micro-batches (`cskd.batch.split_batch`). Each micro-batch's mean loss is weighted by
 its share of the rank's batch, so the accumulated gradient is the gradient of the rank's mean loss;
 DDP averages it over ranks as without accumulation. Gradients are reduced on the last micro-batch
-only (`engine.no_sync()` around the others), as DeepSpeed and DDP's `no_sync` intend.
+only (`engine.no_sync()` around the others), as DeepSpeed and DDP's `no_sync` intend. The engine
+(`cskd.engine.Engine`) runs the backward and the optimizer step, whichever engine it is.
 
 The learning rate is a function of the optimizer step: the epoch's value from the schedule
 (`MultiStepLR`, stepped per epoch) times a linear warmup factor over the first `warmup_epochs`.
@@ -46,16 +47,21 @@ def warmup_factor(cfg: Config, epoch: int, step: int, steps_per_epoch: int) -> f
     return start + (1.0 - start) * done / total
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The dtype the training forward autocasts to: bf16 on CUDA when `amp`; None (no autocast) on CPU."""
+    return torch.bfloat16 if cfg.amp and device.type == "cuda" else None
+
+
 def autocast(cfg: Config, device: torch.device):
     """bf16 autocast on CUDA when `amp` (BatchNorm stays float32 under autocast); nothing on CPU."""
-    if cfg.amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    dtype = autocast_dtype(cfg, device)
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Config, env: D.DistEnv) -> dict:
-    """One pass over the training order with `engine` (`cskd.engine.Engine`: model, optimizer,
-    no_sync); returns loss/error/throughput averaged over all ranks."""
+    """One pass over the training order with `engine` (`cskd.engine.Engine`: model, backward, step,
+    no_sync, and the optimizer whose LR the warmup sets); returns loss/error/throughput averaged over
+    all ranks."""
     engine.model.train()
     device, optimizer = env.device, engine.optimizer
     _, _, accum = resolve_batch(cfg.batch, env.world_size)
@@ -78,14 +84,13 @@ def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Confi
                 with engine.no_sync() if i < len(micro) - 1 else nullcontext():
                     with autocast(cfg, device):
                         out = method.loss(engine.model, part)
-                    (out.loss * (len(part.labels) / n)).backward()
+                    engine.backward(out.loss * (len(part.labels) / n))
                 k = len(part.labels)
                 loss_sum += out.loss.detach().double() * k  # on the device: no host sync per step
                 correct += (out.logits.detach().argmax(1) == part.labels).sum()
                 for name, value in out.terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.double() * k
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            engine.step()
             seen += n
             note = None
             if (batch.step + 1) % cfg.log_every == 0 or batch.step + 1 == len(loader):

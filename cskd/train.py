@@ -34,8 +34,9 @@ from cskd.loaders import EvalBatches, TrainBatches, eval_loader, loader_spec, tr
 from cskd.methods import METHODS, Method, MethodContext
 from cskd.models import build_model
 from cskd.plots import reliability_diagram
+from cskd.preempt import SignalGate
 from cskd.progress import log
-from cskd.step import peak_lr, train_one_epoch
+from cskd.step import autocast_dtype, peak_lr, train_one_epoch
 
 
 def lr_milestones(epochs: int, schedule: str, milestones: list[int] = ()) -> list[int]:
@@ -157,7 +158,8 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     # (one more graph, compiled once), and the short last step (its shape, once).
     engine = build_engine(net, env, engine=cfg.engine, zero=cfg.optimizer.zero, lr=peak_lr(cfg),
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs)
+                          compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
+                          batch=resolve_batch(cfg.batch, env.world_size), autocast=autocast_dtype(cfg, env.device))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(engine.optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
                                                                                            cfg.lr_milestones), 0.1)
     shard = Shard(env.rank, env.world_size)
@@ -213,9 +215,11 @@ def _record_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict | Non
         f"err {train['top1_err']:.2f}% | {test_note} | {train['images_per_s']:.0f} img/s")
 
 
-def train_loop(run: Run) -> None:
+def train_loop(run: Run, gate: SignalGate) -> bool:
     """Train every epoch after the last saved one; evaluate every `eval_every`-th and checkpoint every
-    `checkpoint_every`-th (and the last); rank 0 writes the files, on a thread if `async_checkpoint`."""
+    `checkpoint_every`-th (and the last); rank 0 writes the files, on a thread if `async_checkpoint`.
+    If the scheduler's signal reached any rank (`gate`), checkpoint the epoch it came in, hand the
+    signal over to the launcher and return False (the run continues after its requeue); else True."""
     cfg, env, engine = run.cfg, run.env, run.engine
     try:
         for epoch in range(run.progress.epoch + 1, cfg.epochs):
@@ -229,15 +233,25 @@ def train_loop(run: Run) -> None:
                                                    run.dataset.meta.get("superclass_of_class"))
             run.scheduler.step()
             wall_s = time.perf_counter() - start
+            stopping = gate.requested_anywhere(env.device) and epoch + 1 < cfg.epochs
             state = {}  # collectives: every rank takes part
-            if _epoch_is(cfg.checkpoint_every, epoch, cfg):
+            if stopping or _epoch_is(cfg.checkpoint_every, epoch, cfg):
                 state = {**engine.full_state(), "rng": D.all_gather_objects(ckpt.rng_state(env.device))}
             elif _epoch_is(cfg.eval_every, epoch, cfg):
                 state = engine.full_state(with_optimizer=False)  # the weights best.pt needs if the best improved
             if env.is_main:
                 _record_epoch(run, epoch, lr, train_stats, test, bins, outputs, wall_s, state)
+            if stopping:
+                run.writer.join()
+                D.barrier()  # every rank hands over only once the checkpoint is on disk
+                if env.is_main:
+                    log(f"epoch {epoch + 1}/{cfg.epochs} checkpointed after the scheduler's signal; "
+                        "handing over to the launcher (requeue)")
+                gate.hand_over()
+                return False
     finally:
         run.writer.join()  # the last epoch's files are on disk (or its error raised) before anything else
+    return True
 
 
 def finish(run: Run) -> dict | None:
@@ -298,9 +312,9 @@ def _run(cfg: Config, env: D.DistEnv, force: bool) -> dict | None:
                 log(f"{cfg.out_dir} is already complete ({path}); pass --force to train again")
                 return rundir.read_summary(path).raw
             return None
+        gate = held.enter_context(SignalGate())  # the scheduler's warning waits for the epoch's checkpoint
         run = setup(cfg, env, dataset, resume=status == "resume")
-        train_loop(run)
-        return finish(run)
+        return finish(run) if train_loop(run, gate) else None
 
 
 def parse_args(argv=None) -> tuple[Config, bool]:

@@ -17,10 +17,13 @@ from pathlib import Path
 from cskd.config import to_dict
 from cskd.distributed import CONCURRENT_RUNS_VAR
 from cskd.job import PackedJob, TrainJob, packed_log
+from cskd.preempt import GRACE_S
 from launch import runs
 from launch.slurm import Resources
 
-SIGNAL_DELAY_S = 120  # Slurm signals this long before the time limit: time to finish the step and requeue
+# Slurm signals this long before the time limit: the trainer holds the signal up to GRACE_S for the
+# epoch's checkpoint (cskd.preempt), then submitit requeues.
+SIGNAL_DELAY_S = 2 * GRACE_S
 MAX_REQUEUES_ON_TIMEOUT = 30  # preemptions do not count against this; hitting the time limit does
 POLL_S = 5
 

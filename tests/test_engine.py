@@ -294,7 +294,7 @@ TWO = DistEnv(0, 2, 0, CPU)  # refused before any process group is needed
 
 
 @pytest.mark.parametrize("env, kw, message", [
-    (ONE, {"engine": "deepspeed"}, "engine='deepspeed' is not one of ddp, fsdp"),
+    (ONE, {"engine": "horovod"}, "engine='horovod' is not one of ddp, fsdp, deepspeed"),
     (ONE, {"zero": 2}, "optimizer.zero=2 is not 0 or 1"),
     (ONE, {"engine": "fsdp", "zero": 1}, "fsdp already shards it: drop optimizer.zero"),
     (ONE, {"momentum": 0.0}, "nesterov=true needs momentum > 0"),
