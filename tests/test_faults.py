@@ -74,7 +74,10 @@ def test_second_trainer_fails_at_once_naming_the_first(mnist_dir, tmp_path):
         second = run_cli(train_args(mnist_dir, out, "epochs=50"), timeout=60)
         elapsed = time.monotonic() - start
         assert_refused(second, "is in use by another process (host ")
-        assert f"pid {first.pid}," in second.stderr and elapsed < 5, (elapsed, second.stderr)
+        # At once: refused while the first still trains its 50 epochs (minutes), not after waiting for
+        # the lock. The bound is loose: a fresh process imports torch beside a trainer on 2 cores.
+        assert first.poll() is None and elapsed < 30, elapsed
+        assert f"pid {first.pid}," in second.stderr, second.stderr
     finally:
         first.kill()
         first.wait(timeout=30)

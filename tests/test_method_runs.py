@@ -1,10 +1,10 @@
 """Every method of the CS-KD and PS-KD papers trains end to end on the real MNIST sample: few runs, shared.
 
 Three local grids (launch/grid.py, two runs at a time), then kills:
-1. `ce` on 3 seeds and `cskd` on seed 0 (4 epochs): CS-KD's run is the KD and TF-KD teacher below (that CS-KD
+1. `ce` and `cskd` on seed 0 (4 epochs): CS-KD's run is the KD and TF-KD teacher below (that CS-KD
    beats CE on each of 3 paired seeds is asserted by the demo grid's test, tests/test_grid.py);
-2. `ls`, `cskd_e`, `mixup_cskd` and `kd_cskd` on the same 3 seeds: each must reach a test error
-   below twice CE's on every seed (a broken loss lands near chance, 90%);
+2. `ls`, `cskd_e`, `mixup_cskd` and `kd_cskd` on the same seed: each must reach a test error
+   below twice CE's (a broken loss lands near chance, 90%);
 3. every other method for 2 epochs (seed 0, deterministic): finite metrics, better than chance
    (PS-KD with both teachers: the table in `pskd`, the epoch-start network in `pskd_cutmix`);
 4. the stateful methods (AdaCos's scale, KD's teacher, Mixup's RNG draws, PS-KD's prediction table)
@@ -27,7 +27,7 @@ from conftest import REPO, run_cli
 GRID = str(REPO / "launch" / "grid.py")
 KILL_AT = str(REPO / "tests" / "kill_at.py")
 BASE = str(REPO / "configs" / "mnist5k_small_cnn.yaml")
-SEEDS = [0, 1, 2]
+SEEDS = [0]  # one paired seed: a broken loss is far from 2x CE's error on any seed
 COMPARED = ["ls", "cskd_e", "mixup_cskd", "kd_cskd"]
 SMOKE = ["maxent", "adacos", "vsoftmax", "ddgsd", "byot", "mixup", "kd", "pskd", "pskd_cutmix", "pskd_cutout", "cutmix",
          "cutout", "ls_cutmix", "cskd_cutmix", "tfkd", "tfkd_cutmix"]
@@ -57,11 +57,9 @@ def grids(mnist_dir, tmp_path_factory):
     # The device-resident loader: the same batches as FFCV's (tests/test_device_data.py) without FFCV's
     # JIT compilation in every run's process, most of a short run's time.
     fixed = {"data.path": str(mnist_dir), "data.loader": "device", "epochs": 4}
-    baseline = run_grid(root / "baseline.yaml", root / "baseline", overrides=fixed, axes={"method": ["ce"]},
-                        seeds=SEEDS)
-    baseline |= run_grid(root / "teacher.yaml", root / "teacher", overrides=fixed, axes={"method": ["cskd"]},
-                         seeds=[0])
-    teacher = root / "teacher" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
+    baseline = run_grid(root / "baseline.yaml", root / "baseline", overrides=fixed, axes={"method": ["ce", "cskd"]},
+                        seeds=SEEDS)  # side by side
+    teacher = root / "baseline" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
     with_teacher = {**fixed, **{key: str(teacher) for key in TEACHER_KEYS}}
     compared = run_grid(root / "compared.yaml", root / "compared", overrides=with_teacher,
                         axes={"method": COMPARED}, seeds=SEEDS)
