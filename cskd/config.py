@@ -46,8 +46,6 @@ AT_MOST = {"threads": 1024, "data.num_workers": 1024, "ece_bins": 10_000}
 # engine=deepspeed is an optional extra: refused, before any work, where DeepSpeed is not installed.
 DEEPSPEED_MISSING = ("engine=deepspeed needs DeepSpeed, which is not installed: pip install '.[deepspeed]' "
                      "(or pip install deepspeed), or set engine=ddp")
-DEEPSPEED_COMPILE = ("compile=true is not supported under engine=deepspeed (DeepSpeed compiles through its own "
-                     "engine.compile()): set compile=false, or engine=ddp to compile")
 
 
 @dataclass
@@ -408,21 +406,31 @@ def deepspeed_installed() -> bool:
     return importlib.util.find_spec("deepspeed") is not None
 
 
-def _check_engine(cfg: Config) -> None:
-    """Combinations that cannot run, refused before any work."""
-    if cfg.engine == "deepspeed" and not deepspeed_installed():
+def check_engine_choice(engine: str, zero: int, compile: bool, cuda_graphs: bool) -> None:
+    """Engine settings that cannot go together, one line naming the fix: for the config's validation
+    and for `cskd.engine.build_engine`'s callers alike."""
+    if engine == "deepspeed" and not deepspeed_installed():
         raise ConfigError(DEEPSPEED_MISSING)
-    if cfg.optimizer.zero == 2 and cfg.engine != "deepspeed":
-        raise ConfigError(f"config key 'optimizer.zero' must be one of 0, 1 under engine={cfg.engine}; "
-                          f"optimizer.zero=2 (gradients sharded as well) needs engine=deepspeed")
-    if cfg.optimizer.zero and cfg.engine == "fsdp":
-        raise ConfigError(f"optimizer.zero={cfg.optimizer.zero} shards the optimizer state under engine=ddp or "
-                          f"deepspeed; engine=fsdp already shards it: drop optimizer.zero")
-    if cfg.compile and cfg.engine == "deepspeed":
-        raise ConfigError(DEEPSPEED_COMPILE)
-    if cfg.cuda_graphs and not cfg.compile:
+    stages = (0, 1, 2) if engine == "deepspeed" else (0, 1)
+    if zero not in stages:
+        fix = ("optimizer.zero=2 (gradients sharded as well) needs engine=deepspeed" if zero == 2 else
+               "for parameters sharded as well (stage 3) use engine=fsdp")
+        raise ConfigError(f"config key 'optimizer.zero' must be one of {', '.join(map(str, stages))} under "
+                          f"engine={engine}, got {zero!r}; {fix}")
+    if zero and engine == "fsdp":
+        raise ConfigError(f"optimizer.zero={zero} shards the optimizer state under engine=ddp or deepspeed; "
+                          f"engine=fsdp already shards it: drop optimizer.zero")
+    if compile and engine == "deepspeed":
+        raise ConfigError("compile=true is not supported under engine=deepspeed (DeepSpeed compiles through its "
+                          "own engine.compile()): set compile=false, or engine=ddp to compile")
+    if cuda_graphs and not compile:
         raise ConfigError("cuda_graphs=true captures the compiled model (torch.compile mode reduce-overhead); "
                           "set compile=true as well")
+
+
+def _check_engine(cfg: Config) -> None:
+    """Combinations that cannot run, refused before any work."""
+    check_engine_choice(cfg.engine, cfg.optimizer.zero, cfg.compile, cfg.cuda_graphs)
     if cfg.warmup_epochs >= cfg.epochs:
         raise ConfigError(f"config key 'warmup_epochs' ({cfg.warmup_epochs}) must be below epochs ({cfg.epochs}); "
                           f"Goyal et al. warm up for 5 of 90")

@@ -40,7 +40,7 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils._pytree import tree_map_only
 
-from cskd.config import DEEPSPEED_COMPILE, DEEPSPEED_MISSING, deepspeed_installed
+from cskd.config import check_engine_choice
 from cskd.distributed import DistEnv
 from cskd.errors import ConfigError
 
@@ -277,20 +277,7 @@ def _check(env: DistEnv, engine: str, zero: int, momentum: float, nesterov: bool
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine!r} is not one of {', '.join(ENGINES)}: set engine=ddp "
                           f"(DistributedDataParallel), engine=fsdp (FSDP2, parameters sharded) or engine=deepspeed")
-    if engine == "deepspeed" and not deepspeed_installed():
-        raise ConfigError(DEEPSPEED_MISSING)
-    if engine == "deepspeed" and zero not in (0, 1, 2):
-        raise ConfigError(f"optimizer.zero={zero!r} is not 0, 1 or 2 (the ZeRO stages engine=deepspeed runs here): "
-                          f"for parameters sharded as well (stage 3) use engine=fsdp")
-    if engine != "deepspeed" and zero not in (0, 1):
-        raise ConfigError(f"optimizer.zero={zero!r} is not 0 or 1: optimizer.zero=1 shards the optimizer state "
-                          f"(engine=ddp); engine=fsdp shards parameters and gradients as well; zero=2 (gradients "
-                          f"too) needs engine=deepspeed")
-    if compile and engine == "deepspeed":
-        raise ConfigError(DEEPSPEED_COMPILE)
-    if zero and engine == "fsdp":
-        raise ConfigError("optimizer.zero=1 shards the optimizer state under engine=ddp; engine=fsdp already "
-                          "shards it: drop optimizer.zero")
+    check_engine_choice(engine, zero, compile, cuda_graphs)
     if nesterov and momentum <= 0:
         raise ConfigError(f"nesterov=true needs momentum > 0 (Nesterov's step is a momentum step), got "
                           f"momentum={momentum}: set momentum (e.g. 0.9) or nesterov=false")
@@ -299,9 +286,6 @@ def _check(env: DistEnv, engine: str, zero: int, momentum: float, nesterov: bool
         # registered (torch 2.14 registers DTensor rules for the fused Adam/AdamW ops only).
         raise ConfigError("fused SGD cannot step FSDP2's sharded parameters (torch has no DTensor rule for "
                           "aten._fused_sgd_): leave fused unset under engine=fsdp (foreach step)")
-    if cuda_graphs and not compile:
-        raise ConfigError("cuda_graphs=true captures the compiled model (torch.compile mode reduce-overhead); "
-                          "set compile=true as well")
     if cuda_graphs and env.device.type != "cuda":
         raise ConfigError(f"cuda_graphs=true needs CUDA, the run is on {env.device.type}: set cuda_graphs=false")
     if cuda_graphs and env.distributed:

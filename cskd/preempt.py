@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 
 import torch
 
@@ -35,7 +34,7 @@ class SignalGate:
 
     def __init__(self, signum: int = signal.SIGUSR2, grace_s: float = GRACE_S):
         self.signum, self.grace_s = signum, grace_s
-        self.signalled_at: float | None = None  # time.monotonic() of this rank's first signal
+        self.signalled = False  # this rank has had the signal
         self._launcher_handler = None  # the handler we defer to; None: the gate is inactive
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
@@ -66,15 +65,15 @@ class SignalGate:
         # No printing here: a handler that interrupts a print of the main thread would re-enter it.
         if self._handed_over:  # hand_over() re-sent the signal: now it is the launcher's
             self._launcher_handler(signum, frame)
-        elif self.signalled_at is None:
-            self.signalled_at = time.monotonic()
+        elif not self.signalled:
+            self.signalled = True
             self._timer = threading.Timer(self.grace_s, self.hand_over)
             self._timer.daemon = True
             self._timer.start()
 
     def requested_anywhere(self, device: torch.device) -> bool:
         """Whether any rank has been signalled. Collective: every rank calls it at the same point."""
-        flag = torch.tensor([1.0 if self.signalled_at is not None else 0.0], device=device)
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=device)
         return bool(D.all_reduce_sum(flag).item() > 0)
 
     def hand_over(self) -> None:

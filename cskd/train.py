@@ -151,15 +151,15 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
                        num_views=method.num_views, local_world_size=D.local_world_size())
     net = net.to(env.device, memory_format=torch.channels_last if spec.channels_last else torch.contiguous_format)
     ckpt.seed_everything(cfg.seed + env.rank)
-    _, micro, _ = resolve_batch(cfg.batch, env.world_size)
+    batch = resolve_batch(cfg.batch, env.world_size)  # (global, micro_per_rank, grad_accum)
     method.bind(MethodContext(env.device, dataset.num_classes, len(dataset.labels["train"]), env.rank,
-                              env.world_size, cfg.epochs, dataset.meta.get("classes"), micro))
+                              env.world_size, cfg.epochs, dataset.meta.get("classes"), batch[1]))
     # A compiled model (`compile`) serves the anchors' forward and the no-grad partner forward alike
     # (one more graph, compiled once), and the short last step (its shape, once).
     engine = build_engine(net, env, engine=cfg.engine, zero=cfg.optimizer.zero, lr=peak_lr(cfg),
                           momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
                           compile=cfg.compile, cuda_graphs=cfg.cuda_graphs,
-                          batch=resolve_batch(cfg.batch, env.world_size), autocast=autocast_dtype(cfg, env.device))
+                          batch=batch, autocast=autocast_dtype(cfg, env.device))
     scheduler = torch.optim.lr_scheduler.MultiStepLR(engine.optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
                                                                                            cfg.lr_milestones), 0.1)
     shard = Shard(env.rank, env.world_size)

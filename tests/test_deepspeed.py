@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import cskd.config
-import cskd.engine
 from cskd.config import load_config
 from cskd.distributed import DistEnv, broadcast_object
 from cskd.engine import build_engine
@@ -68,8 +67,7 @@ def test_deepspeed_config_autocasts_as_the_training_step_does():
 # --- refusals ------------------------------------------------------------------------------------
 
 def test_engine_deepspeed_without_deepspeed_is_a_one_line_config_error(monkeypatch):
-    monkeypatch.setattr(cskd.config, "deepspeed_installed", lambda: False)
-    monkeypatch.setattr(cskd.engine, "deepspeed_installed", lambda: False)
+    monkeypatch.setattr(cskd.config, "deepspeed_installed", lambda: False)  # both refusals ask cskd.config
     for refuse in (lambda: load_config(None, ["engine=deepspeed"]),
                    lambda: build_engine(make_net(), ONE, engine="deepspeed", **HYPER)):
         with pytest.raises(ConfigError, match=r"pip install '\.\[deepspeed\]'") as e:

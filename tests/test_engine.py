@@ -295,7 +295,7 @@ TWO = DistEnv(0, 2, 0, CPU)  # refused before any process group is needed
 
 @pytest.mark.parametrize("env, kw, message", [
     (ONE, {"engine": "horovod"}, "engine='horovod' is not one of ddp, fsdp, deepspeed"),
-    (ONE, {"zero": 2}, "optimizer.zero=2 is not 0 or 1"),
+    (ONE, {"zero": 2}, "config key 'optimizer.zero' must be one of 0, 1 under engine=ddp, got 2"),
     (ONE, {"engine": "fsdp", "zero": 1}, "fsdp already shards it: drop optimizer.zero"),
     (ONE, {"momentum": 0.0}, "nesterov=true needs momentum > 0"),
     (TWO, {"engine": "fsdp", "fused": True}, "aten._fused_sgd_"),
