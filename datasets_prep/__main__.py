@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from cskd.errors import CskdError, DataError
+from datasets_prep import submit
 
 # NAME -> reader module with `read(src: Path, args) -> Source` and optionally `add_arguments(parser)`;
 # imported only when NAME is asked for, so one missing or broken module does not break the others
@@ -33,8 +34,9 @@ NO_SRC = {"mixed", "mnist5k"}
 
 def _reader_options(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--src", required=name not in NO_SRC, type=Path, help="the dataset as distributed")
-    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
-                   help="processes for decoding and writing (default: min(8, cores))")
+    # the cores this process may use (a Slurm job's --cpus-per-task), not the machine's
+    p.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))),
+                   help="processes that decode and encode the images (default: min(8, usable cores))")
     p.add_argument("--max-side", type=int, default=None, help="shrink images so the longer side is at most N")
     p.add_argument("--resize", choices=("none", "short-side-center-crop"), default=None,
                    help="short-side-center-crop: scale the shorter side to --size, crop the centre square "
@@ -65,6 +67,7 @@ def _parser(argv: list[str]) -> argparse.ArgumentParser:
         p.add_argument("--force", action="store_true",
                        help="write even if DIR holds another conversion (different options, seed or source files) "
                             "or files without meta.json; also rewrites an up-to-date DIR")
+        submit.add_slurm_arguments(p)
     return parser
 
 
@@ -77,9 +80,12 @@ def _import(name: str):
         raise DataError(f"dataset {name} is not available: its reader {READERS[name]} is missing") from None
 
 
-def _resize(args):
+def check_options(args):
+    """The conversion options that need no source, checked; returns the resize policy."""
     from datasets_prep.images import Resize
 
+    if not 1 <= args.jpeg_quality <= 100:
+        raise DataError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
     policy = args.resize or ("short-side-center-crop" if args.size else "none")
     if policy == "short-side-center-crop" and not (args.size and args.size > 0):
         raise DataError("--resize short-side-center-crop needs --size S (a positive side)")
@@ -91,14 +97,18 @@ def _resize(args):
 
 
 def _convert(args) -> str:
+    from datasets_prep import archive
     from datasets_prep.outdir import check_path
     from datasets_prep.writer import write_source
 
-    if not 1 <= args.jpeg_quality <= 100:
-        raise DataError(f"--jpeg-quality must be between 1 and 100, got {args.jpeg_quality}")
-    resize = _resize(args)
+    resize = check_options(args)
     check_path(Path(args.out))  # before reading the source, which can take minutes (ImageNet)
-    source = _import(args.name).read(args.src, args)
+    reader = _import(args.name)
+    # archives in --src are read in place; their damage skipped with --skip-bad goes to meta.json "skipped"
+    src = args.src if args.src is None else archive.open_src(
+        args.src, mount=getattr(reader, "mount_point", None), skip_bad=args.skip_bad)
+    source = reader.read(src, args)
+    source.skipped += src.tree.problems if isinstance(src, archive.ArchivePath) else []
     s = write_source(args.out, source, resize=resize, write_mode=args.write_mode, jpeg_quality=args.jpeg_quality,
                      workers=max(1, args.workers), skip_bad=args.skip_bad,
                      allow_count_mismatch=args.allow_count_mismatch, force=args.force)
@@ -119,6 +129,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = _parser(argv).parse_args(argv)
+        if submit.requested(args):
+            return submit.submit(args, argv)
         print(_convert(args))
     except CskdError as e:
         print(f"error: {e}", file=sys.stderr)

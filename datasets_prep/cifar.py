@@ -1,7 +1,9 @@
 """CIFAR-10 and CIFAR-100, python version (50,000 train / 10,000 test 32x32 images).
 
 --src is `cifar-10-batches-py/` (data_batch_1..5, test_batch, batches.meta) or
-`cifar-100-python/` (train, test, meta), or the directory holding it. The files are Python-2
+`cifar-100-python/` (train, test, meta), or the directory holding it, or the archive as
+downloaded, `cifar-10-python.tar.gz` / `cifar-100-python.tar.gz` (read in place, see
+datasets_prep.archive), or a directory holding that. The files are Python-2
 pickles: `data` is uint8 N x 3072 (1024 R, then G, then B, each row-major), labels are `labels`
 (CIFAR-10) or `fine_labels` (CIFAR-100).
 
@@ -16,6 +18,7 @@ function to call, a class) is refused before it is looked up, so a crafted file 
 from __future__ import annotations
 
 import codecs
+import io
 import pickle
 import warnings
 from pathlib import Path
@@ -23,8 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, int_labels, require
+from datasets_prep.archive import ArchivePath, as_path
+from datasets_prep.source import Source, digest, int_labels, require
 
 LAYOUT = {  # name -> (folder, {split: files}, meta file, class-name key, label key)
     "cifar10": ("cifar-10-batches-py", {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
@@ -49,11 +52,12 @@ class _CifarUnpickler(pickle.Unpickler):
         return ALLOWED_GLOBALS[(module, name)]
 
 
-def _load(path: Path, what: str) -> dict:
+def _load(path: Path | ArchivePath, what: str) -> dict:
     """The dict a CIFAR pickle holds; anything else (a truncated or corrupt file, another object) is a
     DataError naming the file."""
     try:
-        with open(require(path, what, "file"), "rb") as f, warnings.catch_warnings():
+        # read whole (an archive member has no file to open); a batch is 30 MB
+        with io.BytesIO(require(path, what, "file").read_bytes()) as f, warnings.catch_warnings():
             # numpy 2 warns (on stderr) about the int `align` argument numpy-1 pickles pass to dtype()
             warnings.simplefilter("ignore")
             d = _CifarUnpickler(f, encoding="latin1").load()  # Python-2 pickles; latin1: str keys, as torchvision
@@ -110,13 +114,13 @@ def read(src: Path, args) -> Source:
     """Read CIFAR-10 or CIFAR-100 (args.name) from `src` (see the module docstring)."""
     name = args.name
     folder, lists, meta_name, names_key, label_key = LAYOUT[name]
-    src = Path(src)
+    src = as_path(src)
     root = src if src.name == folder or not (src / folder).is_dir() else src / folder
     meta_path = root / meta_name
     meta = _load(meta_path, f"{name} label names")
     classes = _names(meta, names_key, meta_path)
     coarse = _names(meta, "coarse_label_names", meta_path) if name == "cifar100" else None
-    files = {f"{folder}/{meta_name}": sha256(meta_path)}
+    files = {f"{folder}/{meta_name}": digest(meta_path)}
     splits, coarse_of_class = {}, {}
     for split, names in lists.items():
         samples = []
@@ -127,7 +131,7 @@ def read(src: Path, args) -> Source:
             for fine, c in zip(labels, coarse_labels or ()):
                 if coarse_of_class.setdefault(fine, c) != c:
                     raise DataError(f"{path}: fine label {fine} has two coarse labels ({coarse_of_class[fine]}, {c})")
-            files[f"{folder}/{file}"] = sha256(path)
+            files[f"{folder}/{file}"] = digest(path)
         splits[split] = samples
     extra = {}
     if name == "cifar100":

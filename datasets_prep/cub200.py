@@ -1,6 +1,8 @@
 """CUB-200-2011 (200 bird species, 5,994 train / 5,794 test images).
 
---src is `CUB_200_2011/` or the directory holding it: `images/<NNN.Name>/<file>.jpg` and the
+--src is `CUB_200_2011/` or the directory holding it, or the archive as downloaded,
+`CUB_200_2011.tgz` (read in place, see datasets_prep.archive; its members are held in memory,
+~1.2 GB), or a directory holding that. Inside: `images/<NNN.Name>/<file>.jpg` and the
 space-separated lists `images.txt` (id path), `image_class_labels.txt` (id class_id),
 `train_test_split.txt` (id is_training_image, 1 = train) and `classes.txt` (class_id NNN.Name).
 IDs are 1-based.
@@ -13,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, by_id, parse_int, read_table
+from datasets_prep.archive import as_path
+from datasets_prep.source import Source, by_id, digest, parse_int, read_table
 
 FOLDER = "CUB_200_2011"
 EXPECTED = {"train": 5994, "test": 5794}
@@ -51,10 +53,10 @@ def _same_ids(root: Path, tables: dict) -> None:
 
 def read(src: Path, args=None) -> Source:
     """Read CUB-200-2011 from `src` (see the module docstring)."""
-    src = Path(src)
+    src = as_path(src)
     root = src / FOLDER if (src / FOLDER).is_dir() else src
     tables = _tables(root)
-    files = {f"{FOLDER}/{name}": sha256(root / name) for name in LISTS}
+    files = {f"{FOLDER}/{name}": digest(root / name) for name in LISTS}
 
     class_ids = sorted(tables["classes.txt"])
     classes = [tables["classes.txt"][i][1][0] for i in class_ids]

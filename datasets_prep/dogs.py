@@ -1,7 +1,9 @@
 """Stanford Dogs (120 breeds, 12,000 train / 8,580 test) as distributed.
 
 --src holds `Images/<wnid-Breed>/<wnid>_<n>.jpg` (images.tar) and `train_list.mat` /
-`test_list.mat` (lists.tar), extracted either next to `Images/` or into `lists/`.
+`test_list.mat` (lists.tar), extracted either next to `Images/` or into `lists/`; or the two
+archives as downloaded, `images.tar` and `lists.tar`, read in place (see datasets_prep.archive),
+either of them possibly beside the other's extracted content.
 
 Label order: sorted `Images/` folder names (as ImageFolder, hence CS-KD). The .mat lists carry
 1-based float labels; the reader checks that label - 1 is the sorted index of each file's folder,
@@ -14,13 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, check_classes, load_mat, require
+from datasets_prep.archive import ArchivePath, as_path
+from datasets_prep.source import Source, check_classes, digest, load_mat, require
 
 EXPECTED = {"train": 12000, "test": 8580}
 
 
-def find_list(src: Path, name: str) -> Path:
+def find_list(src: Path | ArchivePath, name: str) -> Path | ArchivePath:
     """`src/name` or `src/lists/name` (lists.tar may be extracted either way)."""
     for path in (src / name, src / "lists" / name):
         if path.is_file():
@@ -28,7 +30,7 @@ def find_list(src: Path, name: str) -> Path:
     return require(src / name, f"Stanford Dogs split list from lists.tar; also looked in {src / 'lists'}")
 
 
-def read_mat_list(path: Path) -> tuple[list[str], np.ndarray]:
+def read_mat_list(path: Path | ArchivePath) -> tuple[list[str], np.ndarray]:
     """(relative image paths, 0-based labels) of a `*_list.mat` file."""
     mat = load_mat(path, "a Stanford Dogs list from lists.tar")
     try:
@@ -46,14 +48,14 @@ def read_mat_list(path: Path) -> tuple[list[str], np.ndarray]:
 
 def read(src: Path, args=None) -> Source:
     """Read Stanford Dogs from `src` (see the module docstring)."""
-    src = Path(src)
+    src = as_path(src)
     images = require(src / "Images", "Stanford Dogs images from images.tar", "dir")
     classes = sorted(p.name for p in images.iterdir() if p.is_dir())
     index = {name: i for i, name in enumerate(classes)}
     splits, files = {}, {}
     for split in ("train", "test"):
         path = find_list(src, f"{split}_list.mat")
-        files[path.relative_to(src).as_posix()] = sha256(path)
+        files[path.relative_to(src).as_posix()] = digest(path)
         samples = []
         for rel, label in zip(*read_mat_list(path)):
             image = images / rel

@@ -9,6 +9,11 @@ Train is `train/<wnid>/*.JPEG` under --src. The val split is auto-detected in on
    PredictionString is the wnid) and `LOC_synset_mapping.txt` beside `ILSVRC/`.
 3. folders: `val/<wnid>/*`, already sorted into class folders.
 
+The archives as downloaded may stand in --src instead of (or beside) their extracted parts, read
+in place (see datasets_prep.archive): `ILSVRC2012_img_train.tar` (one tar per class inside,
+seen as train/<wnid>/), `ILSVRC2012_img_val.tar` (seen as the flat val/) and
+`ILSVRC2012_devkit_t12.tar.gz`; `mount_point` below places them.
+
 Label order: sorted wnids (as ImageFolder and torchvision). Devkit IDs are *not* in that order
 (val_00000001 is devkit ID 490 = sorted index 65), which is why they are mapped via meta.mat.
 Human-readable names go to extra['class_names'] when LOC_synset_mapping.txt or meta.mat is there.
@@ -16,18 +21,32 @@ Human-readable names go to extra['class_names'] when LOC_synset_mapping.txt or m
 from __future__ import annotations
 
 import csv
+import io
 import os
+import re
 from pathlib import Path
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, check_classes, load_mat, read_lines, require
+from datasets_prep.archive import ArchivePath, as_path
+from datasets_prep.source import Source, check_classes, digest, load_mat, read_lines, require
 
 EXPECTED = {"train": 1281167, "test": 50000}
 EXTENSIONS = (".jpeg", ".jpg", ".png")  # one train "JPEG" is really a PNG; the writer decodes by content
 DEVKIT = "ILSVRC2012_devkit_t12"
 GROUND_TRUTH = "data/ILSVRC2012_validation_ground_truth.txt"
 KAGGLE = "ILSVRC/Data/CLS-LOC"
+VAL_FILE = re.compile(r"ILSVRC2012_val_\d{8}\.JPEG")
+
+
+def mount_point(names: list[str]) -> str:
+    """Where an archive of --src appears (datasets_prep.archive.open_src): the train tar, whose
+    members are all per-class tars, as train/ (each X.tar as train/X/); the val tar, flat
+    ILSVRC2012_val_*.JPEG files, as val/; anything else (the devkit) where it lies."""
+    if names and all(n.endswith(".tar") and "/" not in n for n in names):
+        return "train/"
+    if names and all(VAL_FILE.fullmatch(n) for n in names):
+        return "val/"
+    return ""
 
 
 def add_arguments(parser) -> None:
@@ -35,9 +54,14 @@ def add_arguments(parser) -> None:
                         help=f"ILSVRC2012 devkit directory for a flat val/ (default: SRC/{DEVKIT})")
 
 
-def image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path | ArchivePath) -> list[Path | ArchivePath]:
+    """The image files of `folder`, sorted by name (the same order as sorting the paths)."""
+    real = folder.on_disk() if isinstance(folder, ArchivePath) else folder
+    if real is None:  # a folder of an archive
+        return sorted((p for p in folder.iterdir() if p.name.lower().endswith(EXTENSIONS)
+                       and not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
     # os.scandir, not Path.iterdir + stat: 1.28M train files are listed once
-    with os.scandir(folder) as entries:
+    with os.scandir(real) as entries:
         return sorted(Path(e.path) for e in entries
                       if e.is_file() and e.name.lower().endswith(EXTENSIONS) and not e.name.startswith("."))
 
@@ -81,8 +105,8 @@ def flat_val(val: Path, labels: list[tuple[str, str]], index: dict[str, int], li
     return samples
 
 
-def devkit_val(src: Path, val: Path, args, index: dict[str, int]):
-    devkit = Path(getattr(args, "devkit", None) or src / DEVKIT)
+def devkit_val(src: Path | ArchivePath, val: Path | ArchivePath, args, index: dict[str, int]):
+    devkit = Path(args.devkit) if getattr(args, "devkit", None) else src / DEVKIT
     truth = devkit / GROUND_TRUTH
     require(truth, "devkit val labels; a flat val/ needs the devkit, see --devkit")
     meta = devkit / "data" / "meta.mat"
@@ -93,25 +117,26 @@ def devkit_val(src: Path, val: Path, args, index: dict[str, int]):
         raise DataError(f"{truth}: {bad!r} is not the ILSVRC2012_ID of a leaf synset in {meta}")
     # line i (1-based) is the label of ILSVRC2012_val_%08d.JPEG with that i
     labels = [(f"ILSVRC2012_val_{i:08d}", synsets[int(s)][0]) for i, s in enumerate(ids, start=1)]
-    files = {f"{devkit.name}/{GROUND_TRUTH}": sha256(truth), f"{devkit.name}/data/meta.mat": sha256(meta)}
+    files = {f"{devkit.name}/{GROUND_TRUTH}": digest(truth), f"{devkit.name}/data/meta.mat": digest(meta)}
     return flat_val(val, labels, index, truth), files, {w: words for w, words in synsets.values()}
 
 
-def kaggle_val(src: Path, val: Path, index: dict[str, int]):
+def kaggle_val(src: Path | ArchivePath, val: Path | ArchivePath, index: dict[str, int]):
     solution = require(src / "LOC_val_solution.csv", "Kaggle val labels", "file")
     try:
-        with open(solution, newline="", encoding="utf-8-sig") as f:
+        # newline="": the csv module's own line handling, as with open(..., newline="")
+        with io.StringIO(solution.read_bytes().decode("utf-8-sig"), newline="") as f:
             rows = list(csv.DictReader(f))
         labels = [(row["ImageId"], row["PredictionString"].split()[0]) for row in rows]
     except (KeyError, IndexError, AttributeError, csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{solution}: expected UTF-8 CSV columns ImageId,PredictionString with a wnid first "
                         f"({type(e).__name__}: {e}); re-download it") from None
-    return flat_val(val, labels, index, solution), {solution.name: sha256(solution)}
+    return flat_val(val, labels, index, solution), {solution.name: digest(solution)}
 
 
 def read(src: Path, args=None) -> Source:
     """Read ILSVRC-2012 from `src` (see the module docstring); val becomes the 'test' split."""
-    src = Path(src)
+    src = as_path(src)
     kaggle = (src / KAGGLE).is_dir()
     root = src / KAGGLE if kaggle else src
     train = require(root / "train", "ImageNet train/<wnid>/ folders", "dir")
@@ -137,7 +162,7 @@ def read(src: Path, args=None) -> Source:
     if mapping.is_file():  # preferred over meta.mat words: it is the Kaggle copy's own file
         lines = read_lines(mapping, "wnid names")
         names = {wnid: words for wnid, _, words in (line.partition(" ") for line in lines)}
-        files[mapping.name] = sha256(mapping)
+        files[mapping.name] = digest(mapping)
     extra = {"val_layout": layout}
     if names:
         extra["class_names"] = [names.get(w, w) for w in classes]

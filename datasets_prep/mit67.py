@@ -2,8 +2,9 @@
 
 --src holds `Images/<class>/<file>` (indoorCVPR_09.tar) and the official split lists
 `TrainImages.txt` / `TestImages.txt`, whose lines are `<class>/<file>` relative to `Images/`
-(CRLF endings and backslashes are accepted). Most images are in neither list: only the listed
-80 + 20 per class are used.
+(CRLF endings and backslashes are accepted). `Images/` may also be the archive as downloaded,
+`indoorCVPR_09.tar` in --src, read in place (see datasets_prep.archive). Most images are in
+neither list: only the listed 80 + 20 per class are used.
 
 Label order: sorted `Images/` folder names (as ImageFolder, hence CS-KD).
 """
@@ -12,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, check_classes, read_lines, require
+from datasets_prep.archive import as_path
+from datasets_prep.source import Source, check_classes, digest, read_lines, require
 
 EXPECTED = {"train": 5360, "test": 1340}
 LISTS = {"train": "TrainImages.txt", "test": "TestImages.txt"}
@@ -21,7 +22,7 @@ LISTS = {"train": "TrainImages.txt", "test": "TestImages.txt"}
 
 def read(src: Path, args=None) -> Source:
     """Read MIT67 from `src` (see the module docstring)."""
-    src = Path(src)
+    src = as_path(src)
     images = require(src / "Images", "MIT67 images from indoorCVPR_09.tar", "dir")
     classes = sorted(p.name for p in images.iterdir() if p.is_dir())
     index = {name: i for i, name in enumerate(classes)}
@@ -29,7 +30,7 @@ def read(src: Path, args=None) -> Source:
     for split, name in LISTS.items():
         path = src / name
         lines = read_lines(path, f"MIT67 {split} split list")
-        files[name] = sha256(path)
+        files[name] = digest(path)
         samples = []
         for rel in lines:
             image = images / rel

@@ -16,6 +16,10 @@ CUB classes: its official split has 5,994 < 200 x 30). Test: the three official 
 Where the parts are: --cub / --dogs / --mit67, or by default under --src:
 `CUB_200_2011/`, the first of `StanfordDogs/`, `Stanford_Dogs/`, `stanford_dogs/` (`Images/` +
 the .mat lists), and the first of `indoorCVPR_09/`, `MIT67/` (`Images/` + the two .txt lists).
+Each part may be given in any form its own reader accepts, archives as downloaded included
+(`CUB_200_2011.tgz` in --src or as --cub, `images.tar` + `lists.tar` in the Dogs folder,
+`indoorCVPR_09.tar` + the lists in the MIT67 folder): every part path is opened through
+datasets_prep.archive.open_src.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from cskd.errors import DataError
+from datasets_prep.archive import ArchivePath, as_path, open_src
 from datasets_prep.source import Source, check_classes, check_counts
 
 # (reader module, --option, default folder names under --src, superclass), in label order
@@ -42,7 +47,7 @@ def add_arguments(parser) -> None:
                             help=f"directory of this part (default: SRC/{names[0]})")
 
 
-def locate(src: Path | None, option: str, names: tuple[str, ...], args) -> Path:
+def locate(src: Path | ArchivePath | None, option: str, names: tuple[str, ...], args) -> Path | ArchivePath:
     given = getattr(args, option, None)
     if given:
         return Path(given)
@@ -61,19 +66,22 @@ def subset(samples: list, label: int, per_class: int, seed: int) -> list:
     return [samples[i] for i in sorted(pick)]
 
 
-def read(src: Path | None, args=None) -> Source:
+def read(src: Path | ArchivePath | None, args=None) -> Source:
     """Read the three parts and build the mixed dataset (see the module docstring)."""
     per_class, seed = getattr(args, "per_class", 30), getattr(args, "seed", 0)
     if per_class < 1:
         raise DataError(f"--per-class must be at least 1, got {per_class}")
     if seed < 0:  # numpy's default_rng takes non-negative seeds only
         raise DataError(f"--seed must be 0 or more, got {seed}")
-    src = Path(src) if src is not None else None
-    classes, superclass_of_class, files, parts, problems = [], [], {}, {}, []
+    src = as_path(src) if src is not None else None
+    classes, superclass_of_class, files, parts, problems, skipped = [], [], {}, {}, [], []
     by_label: dict[int, list] = {}
     test, test_expected = [], 0
     for module, option, names, superclass in PARTS:
-        part = importlib.import_module(f"datasets_prep.{module}").read(locate(src, option, names, args), args)
+        where = open_src(locate(src, option, names, args), skip_bad=getattr(args, "skip_bad", False))
+        if isinstance(where, ArchivePath) and where.tree is not getattr(src, "tree", None):
+            skipped += where.tree.problems  # a tree opened here (--src's own is reported by the CLI)
+        part = importlib.import_module(f"datasets_prep.{module}").read(where, args)
         # a partial part would make the subset silently smaller: check it like the part itself
         problems += check_counts(part, strict=not getattr(args, "allow_count_mismatch", False))
         offset = len(classes)
@@ -98,6 +106,6 @@ def read(src: Path | None, args=None) -> Source:
     # train: what the recipe yields from complete parts (their counts were checked above)
     expected = {"train": len(train), "test": test_expected}
     source = Source("mixed", classes, {"train": train, "test": test}, files, expected, extra,
-                    params={"per_class": per_class, "seed": seed})
+                    params={"per_class": per_class, "seed": seed}, skipped=skipped)
     check_classes(source)
     return source

@@ -2,19 +2,24 @@
 
 A reader turns one dataset *as distributed* into a `Source`: class names in the documented label
 order (sorted wnid / folder names, as torchvision's ImageFolder), and per split a list of samples
-(an image file path, or an HxWx3 uint8 array for datasets shipped as arrays, with its label).
+(an image file path, a datasets_prep.archive.ArchivePath for an image read in place from an
+archive, or an HxWx3 uint8 array for datasets shipped as arrays, with its label).
 Decoding, resizing and writing the FFCV files is the writer's job (datasets_prep/writer.py).
 """
 from __future__ import annotations
 
+import hashlib
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cskd.errors import DataError
+from cskd.fileio import sha256
+from datasets_prep.archive import ArchivePath
 
-Sample = tuple["Path | np.ndarray", int]
+Sample = tuple["Path | ArchivePath | np.ndarray", int]
 
 
 @dataclass
@@ -28,6 +33,19 @@ class Source:
     # The reader's own options that change what is written (a split seed, a subset size): part of
     # the conversion's identity, recorded as meta.json conversion.reader.
     params: dict = field(default_factory=dict)
+    # Problems of the archives read (with --skip-bad, datasets_prep.archive): {"split": "archive",
+    # "image", "reason"} each, listed in meta.json's "skipped" beside the undecodable images.
+    skipped: list[dict] = field(default_factory=list)
+
+
+def digest(path: Path | ArchivePath) -> str:
+    """The hex sha256 of a file's bytes, a real file or an archive member (the same for both)."""
+    if not isinstance(path, ArchivePath):
+        return sha256(path)
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e})") from None
 
 
 def require(path: Path, what: str, kind: str = "") -> Path:
@@ -113,16 +131,24 @@ def int_labels(values, num_classes: int, where: str) -> list[int]:
     return [int(y) for y in values]
 
 
-def load_mat(path: Path, what: str, **kwargs) -> dict:
+def load_mat(path: Path | ArchivePath, what: str, **kwargs) -> dict:
     """scipy.io.loadmat(path) in a forked child process: scipy's MATLAB reader can crash the whole
     process (a segfault, measured on bit-flipped .mat files) instead of raising, so it runs where a
-    crash costs only the child. Any failure is a DataError naming the file."""
+    crash costs only the child. Any failure is a DataError naming the file. An archive member's
+    bytes are read here and handed to the child (forked: not copied through a pipe)."""
     import multiprocessing as mp
 
     require(path, what, "file")
+    if isinstance(path, ArchivePath):
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise DataError(f"{path} cannot be read ({e.strerror or e}); re-download the dataset's archive") from None
+    else:
+        data = str(path)
     ctx = mp.get_context("fork")
     parent_end, child_end = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_load_mat_child, args=(str(path), kwargs, child_end), daemon=True)
+    child = ctx.Process(target=_load_mat_child, args=(data, kwargs, child_end), daemon=True)
     child.start()
     child_end.close()
     try:
@@ -138,15 +164,15 @@ def load_mat(path: Path, what: str, **kwargs) -> dict:
     return result
 
 
-def _load_mat_child(path: str, kwargs: dict, conn) -> None:
-    """The child of `load_mat`: answer (True, dict) or (False, reason)."""
+def _load_mat_child(path: str | bytes, kwargs: dict, conn) -> None:
+    """The child of `load_mat`: answer (True, dict) or (False, reason); `path` is a file name or the bytes."""
     import faulthandler
 
     faulthandler.disable()  # a crash here is expected and reported by the parent in one line
     try:
         from scipy.io import loadmat
 
-        answer = (True, loadmat(path, **kwargs))
+        answer = (True, loadmat(io.BytesIO(path) if isinstance(path, bytes) else path, **kwargs))
     except Exception as e:  # scipy raises assorted errors (MatReadError, OSError, IndexError, ...) on bad files
         answer = (False, f"{type(e).__name__}: {e}")
     conn.send(answer)

@@ -1,23 +1,22 @@
 """A conversion's temporary folder, its lock, and the worker processes that must not outlive it.
 
 Everything temporary of a conversion lives in one folder inside the output directory,
-`DIR/.prep-XXXXXXXX` (the new .beton files, the writer's error logs), so there is one place to
-clean. The converting process holds DIR's lock (`cskd.lock`: flock on `DIR/.prep-lock`) for its
-whole life; the kernel drops it when the process dies, however it dies (SIGKILL and the OOM killer
-included). So a conversion that takes the lock knows every `.prep-*` folder it finds was left by a
-killed one and removes it, and a second conversion into DIR at the same time is refused. Forked
-workers share the lock's open file, so DIR stays locked while any of them lives.
+`DIR/.prep-XXXXXXXX` (the new .beton files), so there is one place to clean. The converting process
+holds DIR's lock (`cskd.lock`: flock on `DIR/.prep-lock`) for its whole life; the kernel drops it
+when the process dies, however it dies (SIGKILL and the OOM killer included). So a conversion that
+takes the lock knows every `.prep-*` folder it finds was left by a killed one and removes it, and a
+second conversion into DIR at the same time is refused. Forked workers share the lock's open file,
+so DIR stays locked while any of them lives.
 
-Worker processes (the validation pool, FFCV's writer processes) would survive a SIGKILL of the
+Worker processes (the pool that decodes and encodes images) would survive a SIGKILL of the
 converting process: nothing tells them, and they block on queues whose other end they hold
-themselves (measured: an FFCV worker holding ~0.5 GB stayed alive indefinitely). So while a
-conversion runs, every process forked from it asks the kernel to SIGKILL it when the converting
-thread dies (Linux `prctl(PR_SET_PDEATHSIG)`). The request is made in an `os.register_at_fork`
-child hook, i.e. in the child right after fork and before any of its Python code runs: FFCV 1.0.2's
-`DatasetWriter` starts plain `multiprocessing.Process` workers (fork on Linux) and offers no
-initializer, and a hook inside the dataset's `__getitem__` would come too late for a worker still
-waiting for its first chunk. A process group would not help: SIGKILL of the parent sends nothing
-to the group. Elsewhere than Linux the call is skipped (workers may then outlive a killed run).
+themselves (measured with FFCV's writer workers: one holding ~0.5 GB stayed alive indefinitely).
+So while a conversion runs, every process forked from it asks the kernel to SIGKILL it when the
+converting thread dies (Linux `prctl(PR_SET_PDEATHSIG)`). The request is made in an
+`os.register_at_fork` child hook, i.e. in the child right after fork and before any of its Python
+code runs, so it covers any pool, whatever initializer it offers. A process group would not help:
+SIGKILL of the parent sends nothing to the group. Elsewhere than Linux the call is skipped (workers
+may then outlive a killed run).
 """
 from __future__ import annotations
 
@@ -28,7 +27,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -77,7 +75,7 @@ if _prctl is not None:
 def children_die_with_me():
     """While active, every process forked from this one dies when this (thread of the) process does.
     PR_SET_PDEATHSIG fires when the forking *thread* exits: fork from the thread that runs the
-    conversion (FFCV and multiprocessing.Pool do, from the caller's thread)."""
+    conversion (ProcessPoolExecutor with the fork context starts its workers from the submitting thread)."""
     global _armed
     _armed += 1
     try:
@@ -86,13 +84,13 @@ def children_die_with_me():
         _armed -= 1
 
 
-def _children() -> set:
+def children() -> set:
     """The multiprocessing children of this process that have not been joined, dead ones included:
     `multiprocessing.active_children()` would reap a dead one before it could be noticed."""
     return set(getattr(multiprocessing.process, "_children", ()))
 
 
-def _cause(code: int) -> str:
+def cause(code: int) -> str:
     """How a child ended, from its multiprocessing exitcode (negative: the signal that killed it)."""
     if code >= 0:
         return f"exit code {code}"
@@ -101,50 +99,6 @@ def _cause(code: int) -> str:
     except ValueError:  # a real-time signal has no name
         name = f"signal {-code}"
     return f"killed by {name}" + (", e.g. by the kernel's out-of-memory killer" if name == "SIGKILL" else "")
-
-
-@contextmanager
-def fail_if_a_worker_dies(what: str, poll_s: float = 0.1):
-    """Raise a DataError in this thread as soon as a multiprocessing child started inside the block
-    exits with a failure. FFCV 1.0.2's DatasetWriter waits forever for a worker that raised or was
-    killed (measured: SIGKILL of one writer worker hung the conversion indefinitely). A watcher thread
-    polls the children and wakes this thread with SIGUSR1, which also interrupts a blocking queue read.
-    Signal handlers belong to the main thread: elsewhere this is a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    before, stop, dead = _children(), threading.Event(), []
-
-    def watch():
-        while not stop.wait(poll_s):
-            failed = [p for p in _children() - before if p.exitcode not in (None, 0)]
-            if failed:
-                dead.append(failed[0].exitcode)
-                signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-                return
-
-    def on_signal(signum, frame):
-        if dead and not stop.is_set():
-            stop.set()
-            raise DataError(f"a worker process died while writing {what} ({_cause(dead[0])}); nothing was "
-                            f"written: check free memory and disk space, or rerun with fewer --workers")
-
-    previous = signal.signal(signal.SIGUSR1, on_signal)
-    watcher = threading.Thread(target=watch, name="prep-worker-watch", daemon=True)
-    watcher.start()
-    failed = True
-    try:
-        yield
-        failed = False
-    finally:
-        stop.set()  # first, so that terminating the others below does not count as another death
-        watcher.join()
-        signal.signal(signal.SIGUSR1, previous)
-        if failed:  # FFCV's other workers would go on writing into a folder that is being removed
-            for p in _children() - before:
-                if p.exitcode is None:
-                    p.terminate()
-                    p.join(5)
 
 
 def remove_stale(out: Path) -> list[Path]:
@@ -193,11 +147,6 @@ class Staging:
     def __init__(self, out: Path):
         self.out, self.path, self._lock, self._created = out, None, None, None
 
-    @property
-    def errors(self) -> Path:
-        """Where writer workers log the samples they failed on."""
-        return self.path / "errors"
-
     def __enter__(self) -> Staging:
         created = self.out
         while not created.parent.exists() and created.parent != created:
@@ -215,7 +164,6 @@ class Staging:
         _remove_folders(self.out)
         try:
             self.path = Path(tempfile.mkdtemp(prefix=PREFIX, dir=self.out))
-            self.errors.mkdir()
         except OSError as e:
             self._close(failed=True)
             raise DataError(f"--out {self.out} is not writable ({e.strerror or e}); choose another directory "

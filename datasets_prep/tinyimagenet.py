@@ -1,6 +1,7 @@
 """TinyImageNet-200 (200 classes, 100,000 train / 10,000 labelled val images, 64x64).
 
---src is `tiny-imagenet-200/` or the directory holding it:
+--src is `tiny-imagenet-200/` or the directory holding it, or the archive as downloaded,
+`tiny-imagenet-200.zip` (read in place, see datasets_prep.archive), or a directory holding that:
 `wnids.txt` (the 200 wnids, NOT sorted), `train/<wnid>/images/<wnid>_<k>.JPEG`,
 `val/images/val_<k>.JPEG` labelled by `val/val_annotations.txt` (tab-separated: file, wnid, box),
 optional `words.txt` (wnid<TAB>names, for all of ImageNet). The official val split becomes our
@@ -14,8 +15,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cskd.errors import DataError
-from cskd.fileio import sha256
-from datasets_prep.source import Source, read_lines, require
+from datasets_prep.archive import as_path
+from datasets_prep.source import Source, digest, read_lines, require
 
 FOLDER = "tiny-imagenet-200"
 EXPECTED = {"train": 100000, "test": 10000}
@@ -23,12 +24,12 @@ EXPECTED = {"train": 100000, "test": 10000}
 
 def read(src: Path, args=None) -> Source:
     """Read TinyImageNet-200 from `src` (see the module docstring)."""
-    src = Path(src)
+    src = as_path(src)
     root = src / FOLDER if (src / FOLDER).is_dir() else src
     wnids_path = root / "wnids.txt"
     classes = sorted(set(read_lines(wnids_path, "TinyImageNet class list")))
     index = {w: i for i, w in enumerate(classes)}
-    files = {f"{FOLDER}/wnids.txt": sha256(wnids_path)}
+    files = {f"{FOLDER}/wnids.txt": digest(wnids_path)}
 
     train = []
     for wnid in classes:
@@ -48,12 +49,12 @@ def read(src: Path, args=None) -> Source:
         if not image.is_file():
             raise DataError(f"{ann} line {n}: {parts[0]} has no image at {image}")
         test.append((image, index[parts[1]]))
-    files[f"{FOLDER}/val/val_annotations.txt"] = sha256(ann)
+    files[f"{FOLDER}/val/val_annotations.txt"] = digest(ann)
 
     extra = {}
     words = root / "words.txt"
     if words.is_file():
         names = dict(line.split("\t", 1) for line in read_lines(words, "") if "\t" in line)
         extra["class_names"] = [names.get(w, w).strip() for w in classes]
-        files[f"{FOLDER}/words.txt"] = sha256(words)
+        files[f"{FOLDER}/words.txt"] = digest(words)
     return Source("tinyimagenet", classes, {"train": train, "test": test}, files, dict(EXPECTED), extra)

@@ -33,6 +33,15 @@ def ddp_cskd_run(mnist_dir, tmp_path_factory):
     return out, res
 
 
+def slurm_missing() -> str | None:
+    """Why the local Slurm cannot be used (a skip reason), or None when its controller answers."""
+    try:
+        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"no Slurm here ({e}); start one with slurm/start_local.sh (.ci/run does)"
+    return None if " is UP" in res.stdout else "the Slurm controller does not answer; start slurm/start_local.sh"
+
+
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO):
     """Run `python <args>` in a fresh process (as users do); never waits past `timeout`."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -58,17 +58,17 @@ def test_rerun_is_noop_and_force_rewrites(tmp_path, capsys):
 
 @pytest.mark.parametrize("failure", [RuntimeError("disk full"), KeyboardInterrupt()])
 def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch, failure):
-    import ffcv.writer
+    from datasets_prep.beton_writer import BetonWriter
 
     out = tmp_path / "m"
     calls = []
 
-    def broken(self, dataset, *args, **kwargs):
-        calls.append(self.fname)
-        open(self.fname, "wb").write(b"partial")
+    def broken(self):
+        calls.append(self.path)
+        self.file.write(b"partial")
         raise failure
 
-    monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset", broken)
+    monkeypatch.setattr(BetonWriter, "close", broken)
     with pytest.raises(type(failure)):
         prep(["mnist5k", "--out", str(out)])
     assert calls and not out.exists()  # temp dir and the new output dir removed, nothing half-written
@@ -77,12 +77,11 @@ def test_interrupted_write_leaves_no_partial_output(tmp_path, monkeypatch, failu
 def test_interrupted_rewrite_keeps_dataset_unusable_rather_than_mixed(mnist_dir, tmp_path, monkeypatch):
     import shutil
 
-    import ffcv.writer
+    from datasets_prep.beton_writer import BetonWriter
 
     out = tmp_path / "m"
     shutil.copytree(mnist_dir, out)
-    monkeypatch.setattr(ffcv.writer.DatasetWriter, "from_indexed_dataset",
-                        lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(BetonWriter, "close", lambda self: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         prep(["mnist5k", "--out", str(out), "--force"])
     # the old, complete dataset is untouched: the writer failed before anything was moved in

@@ -10,21 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, slurm_missing
 
 GRID = str(REPO / "launch" / "grid.py")
 COLLECT = str(REPO / "launch" / "collect.py")
 
 
-def _slurm_answers() -> str | None:
-    try:
-        res = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"no Slurm here ({e}); start one with slurm/start_local.sh (.ci/run does)"
-    return None if " is UP" in res.stdout else "the Slurm controller does not answer; start slurm/start_local.sh"
-
-
-pytestmark = pytest.mark.skipif(_slurm_answers() is not None, reason=str(_slurm_answers()))
+MISSING = slurm_missing()
+pytestmark = pytest.mark.skipif(MISSING is not None, reason=str(MISSING))
 
 
 def write_grid(path: Path, data_dir: Path, **extra) -> Path:
