@@ -1,8 +1,9 @@
 """`python -m datasets_prep NAME --out DIR [options]`: convert a dataset into FFCV files.
 
 Writes DIR/train.beton, DIR/test.beton (fields image, label, index) and DIR/meta.json. Every
-dataset is read as distributed from --src by its reader module in READERS, into a `Source` that
-datasets_prep.writer validates and writes.
+dataset is read as distributed from --src (its archives as downloaded, read in place by
+datasets_prep.archive, or the unpacked tree) by its reader module in READERS, into a `Source` that
+datasets_prep.writer decodes, checks and writes in one pass.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ NO_SRC = {"mixed", "mnist5k"}
 
 
 def _reader_options(p: argparse.ArgumentParser, name: str) -> None:
-    p.add_argument("--src", required=name not in NO_SRC, type=Path, help="the dataset as distributed")
+    p.add_argument("--src", required=name not in NO_SRC, type=Path,
+                   help="the dataset as downloaded: an archive, a folder of archives, or the unpacked tree")
     # the cores this process may use (a Slurm job's --cpus-per-task), not the machine's
     p.add_argument("--workers", type=int, default=max(1, min(8, len(os.sched_getaffinity(0)))),
                    help="processes that decode and encode the images (default: min(8, usable cores))")
@@ -45,7 +47,8 @@ def _reader_options(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--write-mode", choices=("auto", "raw", "jpg", "smart"), default="auto",
                    help="FFCV RGBImageField mode; auto: raw if no side exceeds 64, else smart (JPEG above 64x64)")
     p.add_argument("--jpeg-quality", type=int, default=90)
-    p.add_argument("--skip-bad", action="store_true", help="leave undecodable images out (listed in meta.json)")
+    p.add_argument("--skip-bad", action="store_true",
+                   help="leave out undecodable images and what follows damage in an archive (listed in meta.json)")
     p.add_argument("--allow-count-mismatch", action="store_true",
                    help="convert even if a split's size differs from the official one")
 

@@ -38,7 +38,9 @@ import io
 import lzma
 import os
 import struct
+import sys
 import tarfile
+import time
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -55,6 +57,7 @@ _COMPRESSED = {"gz": (b"\x1f\x8b", gzip.open), "bz2": (b"BZh", bz2.open), "xz": 
 _DAMAGE = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 _LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # a zip member's local header (30 bytes)
 _TRUNCATED = "the file ends too early: a truncated download?"
+ANNOUNCE_BYTES = 1 << 30  # archives this big get a line before and after their index is built
 
 _FDS: dict[str, int] = {}  # archive -> descriptor for pread; forked workers inherit and share it
 _ZIPS: dict[tuple[int, str], zipfile.ZipFile] = {}  # (pid, archive) -> ZipFile: its file position is per process
@@ -222,6 +225,9 @@ class Tree:
         if archive in _FDS:
             os.close(_FDS.pop(archive))
         _ZIPS.pop((os.getpid(), archive), None)
+        size, start = path.stat().st_size, time.monotonic()
+        if size >= ANNOUNCE_BYTES:  # ImageNet's train tar takes a minute or more: say what is going on
+            print(f"indexing {path.name} ({size / 2 ** 30:.1f} GiB) in place ...", file=sys.stderr, flush=True)
         if kind == "zip":
             entries, problem = _scan_zip(archive)
         elif kind == "tar":
@@ -231,6 +237,9 @@ class Tree:
             entries, problem = _scan_stream(archive, kind)
         if problem:
             self._report(*problem)
+        if size >= ANNOUNCE_BYTES:
+            print(f"indexed {path.name}: {_files(entries)} files in {time.monotonic() - start:.0f} s", file=sys.stderr,
+                  flush=True)
         node = self.root
         if mount:
             files = ["/".join(_split(name)) for name, item in entries if item is not None]  # './x' as 'x'
@@ -348,6 +357,11 @@ def _salvage_zip(archive: str, error: str):
     return entries, ((f"{archive}:{last}" if last else archive),
                      f"{archive}: broken {where} (its central directory is missing or damaged, {error}; "
                      f"a truncated download?)")
+
+
+def _files(entries: list) -> int:
+    """How many regular files `entries` hold, those of nested tars included."""
+    return sum(_files(item.entries) if isinstance(item, _Nested) else item is not None for _, item in entries)
 
 
 def _place(node: _Dir, entries: list, label: str) -> None:

@@ -296,3 +296,15 @@ def test_zip_member_with_bad_data_is_named_when_read(tmp_path, capsys):
     archive.write_bytes(bytes(blob))
     err = error_of(capsys, "tinyimagenet", "--src", archive, "--out", tmp_path / "out", *OPTS)
     assert f"{archive}:{info.filename}: cannot decode image" in err and "re-download it" in err
+
+
+def test_a_big_archive_says_it_is_being_indexed(tmp_path, capsys, monkeypatch):
+    from datasets_prep import archive
+
+    _, _, src = imagenet_all(tmp_path)
+    monkeypatch.setattr(archive, "ANNOUNCE_BYTES", (src / TRAIN).stat().st_size)  # the train tar only
+    root = open_src(src, mount=imagenet.mount_point)
+    files = sum(1 for folder in (root / "train").iterdir() for _ in folder.iterdir())
+    first, second = capsys.readouterr().err.splitlines()
+    assert first == f"indexing {TRAIN} (0.0 GiB) in place ..."
+    assert second.startswith(f"indexed {TRAIN}: {files} files in ")

@@ -115,7 +115,8 @@ def test_cancelled_job_leaves_no_dataset_and_the_rerun_succeeds(tmp_path):
     assert "wrote" not in log.with_suffix(".out").read_text(), "finished before the kill: make the source bigger"
     assert visible(out) == []  # no meta.json, no .beton: at most the killed attempt's staging folder
 
-    again = prep(*command, "--wait", timeout=180)
+    # the rerun here, on both cores (a job's --wait path is the first test's): it must clean up and succeed
+    again = prep(*command[:command.index("--slurm")], "--workers", 2, timeout=180)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "cub200: wrote" in again.stdout and "train: 2250 images" in again.stdout
     assert visible(out) == ["meta.json", "test.beton", "train.beton"]
