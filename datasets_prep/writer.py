@@ -71,12 +71,17 @@ def pixel_sums(img: np.ndarray) -> np.ndarray:
     return np.stack([planes.sum(1, dtype=np.uint64), squares.sum(1, dtype=np.uint64)])
 
 
+def stores_raw(write_mode: str, nbytes: int) -> bool:
+    """Whether an image of `nbytes` stored bytes is kept as raw pixels (else JPEG), as FFCV decides it."""
+    return write_mode == "raw" or write_mode in ("auto", "smart") and nbytes <= SMART_THRESHOLD
+
+
 def encode_one(src, enc: Encoding):
     """(None, mode, height, width, bytes, pixel sums or None) for one sample, or (reason, ...) if it
     cannot be decoded or encoded. Never raises: a reason is data, the caller decides."""
     try:
         img = load_rgb(src, resize=enc.resize)
-        if enc.write_mode == "raw" or (enc.write_mode in ("auto", "smart") and img.nbytes <= SMART_THRESHOLD):
+        if stores_raw(enc.write_mode, img.nbytes):
             mode, blob = MODE_RAW, img.tobytes()
         else:
             mode, blob = MODE_JPG, encode_jpeg(img, enc.jpeg_quality)
@@ -142,7 +147,7 @@ def _chunks(samples: list, size: int):
 def _stored_as_given(samples: list, enc: Encoding) -> bool:
     """Every sample is an RGB array stored as it is (CIFAR, MNIST): nothing to decode or encode."""
     return all(isinstance(src, np.ndarray) and src.ndim == 3 and src.shape[2] == 3 and enc.resize.keeps(*src.shape[:2])
-               and (enc.write_mode == "raw" or enc.write_mode != "jpg" and src.nbytes <= SMART_THRESHOLD)
+               and stores_raw(enc.write_mode, src.nbytes)
                for src, _ in samples)
 
 

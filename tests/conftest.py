@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,17 @@ def slurm_missing() -> str | None:
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"no Slurm here ({e}); start one with slurm/start_local.sh (.ci/run does)"
     return None if " is UP" in res.stdout else "the Slurm controller does not answer; start slurm/start_local.sh"
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    """`predicate()`'s first truthy value, polled every `poll` s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def run_cli(args: list[str], timeout: float = 600, env: dict | None = None, cwd: Path = REPO):

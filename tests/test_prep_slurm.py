@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, assert_refused, file_tree, run_cli, slurm_missing
+from conftest import REPO, assert_refused, file_tree, run_cli, slurm_missing, wait_for
 from datasets_prep.__main__ import main as prep_main
 from datasets_prep.submit import job_argv
 from launch import slurm
@@ -30,16 +30,6 @@ CUB_CLASSES = ["001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_
 
 def prep(*args: str, timeout: float = 120):
     return run_cli(["-m", "datasets_prep", *map(str, args)], timeout=timeout)
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def digest(path: Path) -> str:
@@ -106,11 +96,12 @@ def test_cancelled_job_leaves_no_dataset_and_the_rerun_succeeds(tmp_path):
     job_id = re.search(r"submitted job (\d+)", first.stdout)[1]
     log = Path(re.search(r"^log: (.+)$", first.stdout, re.M)[1])
 
-    wait_for(lambda: slurm.job_states([job_id]).get(job_id) == "RUNNING", 60, "the job to run")
-    wait_for(lambda: log.is_file() and re.search(r"\d+ images", log.read_text()), 60, "the conversion's progress")
+    wait_for(lambda: slurm.job_states([job_id]).get(job_id) == "RUNNING", 60, "the job to run", poll=0.5)
+    wait_for(lambda: log.is_file() and re.search(r"\d+ images", log.read_text()), 60, "the conversion's progress",
+             poll=0.5)
     slurm.cancel([job_id])  # TERM, then KILL after KillWait: mid-conversion either way
     state = wait_for(lambda: (s := slurm.job_states([job_id]).get(job_id)) not in slurm.ACTIVE and s, 60,
-                     "the job to end")
+                     "the job to end", poll=0.5)
     assert state == "CANCELLED"
     assert "wrote" not in log.with_suffix(".out").read_text(), "finished before the kill: make the source bigger"
     assert visible(out) == []  # no meta.json, no .beton: at most the killed attempt's staging folder

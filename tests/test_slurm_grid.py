@@ -4,13 +4,12 @@ Skipped, with the reason, where no Slurm controller answers. Every wait has a de
 """
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import REPO, run_cli, slurm_missing
+from conftest import REPO, run_cli, slurm_missing, wait_for
 
 GRID = str(REPO / "launch" / "grid.py")
 COLLECT = str(REPO / "launch" / "collect.py")
@@ -28,16 +27,6 @@ def write_grid(path: Path, data_dir: Path, **extra) -> Path:
         grid[key] = {**grid[key], **value} if isinstance(grid.get(key), dict) else value
     path.write_text(yaml.safe_dump(grid))
     return path
-
-
-def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def squeue_ids() -> set[str]:
