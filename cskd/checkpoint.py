@@ -187,9 +187,15 @@ def save_best(out_dir: str | Path, model_state: dict, epoch: int, metrics: dict,
 
 def save_test_logits(path: str | Path, epoch: int, outputs: dict) -> None:
     """test_logits.pt / best_test_logits.pt: one epoch's test logits in float16 (what an ensemble
-    or a figure needs: softmax of float16 logits is exact to ~1e-3 relative) and the labels."""
-    save(path, {"epoch": epoch, "logits": outputs["logits"].to(torch.float16).cpu(),
-                "labels": outputs["labels"].cpu()})
+    or a figure needs: softmax of float16 logits is exact to ~1e-3 relative) and the labels; where
+    `outputs` has them, the kept penultimate features (float16) and their test positions, and the
+    class names and superclasses of the dataset (`cskd.rundir` lists the keys)."""
+    saved = {"epoch": epoch, "logits": outputs["logits"].to(torch.float16).cpu(), "labels": outputs["labels"].cpu()}
+    if "features" in outputs:
+        saved |= {"features": outputs["features"].to(torch.float16).cpu(),
+                  "feature_index": outputs["feature_index"].cpu()}
+    saved |= {key: outputs.get(key) for key in ("classes", "superclass_of_class")}
+    save(path, saved)
 
 
 def load_weights(run_dir: str | Path, which: str) -> dict:

@@ -28,7 +28,7 @@ from cskd.errors import ConfigError
 # The engine, ZeRO, compilation and checkpoint cadence compute the same run (within float rounding),
 # so a checkpoint written under one of them resumes under another.
 RUNTIME_KEYS = ("out_dir", "label", "data.num_workers", "data.loader", "threads", "log_every", "engine",
-                "optimizer.zero", "compile", "cuda_graphs", "checkpoint_every", "async_checkpoint")
+                "optimizer.zero", "compile", "cuda_graphs", "checkpoint_every", "async_checkpoint", "log_per_sample")
 # Keys added after runs already existed, with the value that keeps those runs' behaviour: at that
 # value a key is left out of a run's identity, so earlier runs keep their identities (and run ids).
 ADDED_KEYS = {"lr_milestones": [], "batch.micro_per_rank": 0, "batch.grad_accum": 0, "lr_scaling": "none",
@@ -130,6 +130,9 @@ class Config:
     threads: int = 0  # torch intra-op threads per process; 0 keeps torch's default
     ece_bins: int = 20  # the CS-KD paper uses 20 equal-width bins
     log_every: int = 50  # steps between plain log lines (and loss checks)
+    # Also keep every training sample's target and maximum probability per epoch (train_probs.f16,
+    # cskd.sample_log; PS-KD's Fig. 2). Off: only the correctness bitmap is kept.
+    log_per_sample: bool = False
     # Hyperparameters of the chosen method (its Params dataclass), stored under the method's name.
     method_params: typing.Any = None
 

@@ -29,11 +29,26 @@ from cskd.metrics import METRIC_NAMES, classification_metrics
 from cskd.progress import log
 
 
+FEATURE_CLASSES, FEATURES_PER_CLASS = 10, 100
+
+
+def feature_subset(labels: torch.Tensor, num_classes: int, classes: int = FEATURE_CLASSES,
+                   per_class: int = FEATURES_PER_CLASS) -> torch.Tensor:
+    """The test positions whose penultimate features a run keeps (for t-SNE, CS-KD Fig. 3): the first
+    `per_class` samples, in test-set order, of `classes` evenly spaced classes (`i * C // classes`,
+    so a hierarchy's domains are all sampled). A rule of the labels alone: every run on a dataset
+    keeps the same samples."""
+    chosen = sorted({i * num_classes // classes for i in range(min(classes, num_classes))})
+    positions = [torch.nonzero(labels == c).flatten()[:per_class] for c in chosen]
+    return torch.sort(torch.cat(positions)).values
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bins: int = 20,
              superclass_of_class: list[str] | None = None) -> tuple[dict | None, dict | None, dict | None]:
     """(metrics, reliability bins, outputs) of the whole split on rank 0, (None, None, None) on other ranks;
-    outputs = {"logits": (N, C) float32, "labels": (N,)}, in dataset order.
+    outputs = {"logits": (N, C) float32, "labels": (N,)} in dataset order, and the penultimate
+    "features" (M, D) of the test positions "feature_index" (`feature_subset`).
 
     `model` is the bare model (not its DDP wrapper), a `cskd.models.Classifier`. Shards are gathered
     and put back in dataset order, so each sample counts once whatever the number of ranks.
@@ -53,9 +68,11 @@ def evaluate(model: torch.nn.Module, loader: EvalBatches, env: D.DistEnv, ece_bi
     if not env.is_main:
         return None, None, None
     order = index.argsort()  # dataset order, whatever the number of ranks
-    logits, labels = logits[order], labels[order]
-    metrics, bins = classification_metrics(logits, labels, features[order], ece_bins, superclass_of_class)
-    return metrics | {"samples": len(labels)}, bins, {"logits": logits, "labels": labels}
+    logits, labels, features = logits[order], labels[order], features[order]
+    metrics, bins = classification_metrics(logits, labels, features, ece_bins, superclass_of_class)
+    kept = feature_subset(labels, logits.shape[1])
+    return metrics | {"samples": len(labels)}, bins, {"logits": logits, "labels": labels, "features": features[kept],
+                                                      "feature_index": kept}
 
 
 def _check_classes(dataset: DatasetInfo, classes: list[str] | None, num_outputs: int) -> None:

@@ -8,10 +8,18 @@
                        optimizer, scheduler, method state, RNG per rank, progress; full, unsharded state,
                        so it resumes on any number of ranks and under any engine
       best.pt          the model of the epoch of lowest test top1_err so far: {"model", "epoch", "test", "classes"}
-      test_logits.pt   the last finished epoch's test logits: {"epoch", "logits": (N, C) float16, "labels": (N,)
-                       int64}, in test-set order; the final epoch's once the run is done (ensembles, figures).
-                       2 MB for CIFAR-100, 100 MB for ImageNet's 50,000 x 1,000
+      test_logits.pt   the last finished epoch's test outputs, the final epoch's once the run is done (ensembles,
+                       figures): {"epoch", "logits": (N, C) float16, "labels": (N,) int64} in test-set order;
+                       "features": (M, D) float16 penultimate features of the test positions "feature_index"
+                       (M,) int64 (`cskd.eval.feature_subset`: the first 100 test samples of 10 evenly spaced
+                       classes, M <= 1,000); the dataset's "classes" and "superclass_of_class" (or None).
+                       CIFAR-100 / ResNet-18: 2.0 MB logits + 1.0 MB features; ImageNet / ResNet-152: 100 MB
+                       logits (50,000 x 1,000) + 4.1 MB features
       best_test_logits.pt  the same for the epoch of best.pt
+      train_correct.bits  per epoch, one bit per training sample: classified correctly by its training step
+                       (`cskd.sample_log`); CIFAR-100 6.25 kB per epoch, ImageNet 160 kB
+      train_probs.f16  with `log_per_sample: true`: per epoch and training sample, the target (label) and the
+                       maximum probability of that step, float16; CIFAR-100 200 kB per epoch, ImageNet 5.1 MB
       summary.json     written once, last: the run is done (`build_summary` below)
       reliability.png  the final epoch's reliability diagram
       job.json         written by launch/ (who runs the run, where its log is); not the trainer's
@@ -37,8 +45,10 @@ CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, JOB, LOCK = (
     "config.yaml", "checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "reliability.png", "job.json",
     "run.lock")
 TEST_LOGITS, BEST_TEST_LOGITS = "test_logits.pt", "best_test_logits.pt"
+TRAIN_CORRECT, TRAIN_PROBS = "train_correct.bits", "train_probs.f16"
 # the trainer's files; --force removes them
-ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, TEST_LOGITS, BEST_TEST_LOGITS)
+ARTIFACTS = (CONFIG, CHECKPOINT, BEST, METRICS, SUMMARY, RELIABILITY, TEST_LOGITS, BEST_TEST_LOGITS, TRAIN_CORRECT,
+             TRAIN_PROBS)
 SUMMARY_SCHEMA = 1
 BEST_NOTE = "best = the epoch of lowest test top1_err; it selects on the test set, like the references"
 

@@ -27,6 +27,7 @@ from cskd.config import Config, resolve_batch
 from cskd.errors import NonFiniteLossError
 from cskd.loaders import TrainBatches
 from cskd.progress import EpochProgress
+from cskd.sample_log import SampleRecorder
 
 
 def peak_lr(cfg: Config) -> float:
@@ -58,10 +59,11 @@ def autocast(cfg: Config, device: torch.device):
     return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
-def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Config, env: D.DistEnv) -> dict:
+def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Config, env: D.DistEnv,
+                    samples: SampleRecorder | None = None) -> dict:
     """One pass over the training order with `engine` (`cskd.engine.Engine`: model, backward, step,
     no_sync, and the optimizer whose LR the warmup sets); returns loss/error/throughput averaged over
-    all ranks."""
+    all ranks. `samples` records each sample's correctness (and probabilities) from the step's logits."""
     engine.model.train()
     device, optimizer = env.device, engine.optimizer
     _, _, accum = resolve_batch(cfg.batch, env.world_size)
@@ -87,7 +89,10 @@ def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Confi
                     engine.backward(out.loss * (len(part.labels) / n))
                 k = len(part.labels)
                 loss_sum += out.loss.detach().double() * k  # on the device: no host sync per step
-                correct += (out.logits.detach().argmax(1) == part.labels).sum()
+                right = out.logits.detach().argmax(1) == part.labels
+                correct += right.sum()
+                if samples is not None:
+                    samples.observe(part.index, right, out.logits, part.labels)
                 for name, value in out.terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.double() * k
             engine.step()

@@ -22,7 +22,7 @@ from torch import nn
 
 from cskd import checkpoint as ckpt
 from cskd import distributed as D
-from cskd import rundir
+from cskd import rundir, sample_log
 from cskd.batch import Shard
 from cskd.checkpoint import Progress
 from cskd.config import Config, load_config, resolve_batch, to_dict
@@ -62,6 +62,7 @@ class Run:
     train_loader: TrainBatches
     test_loader: EvalBatches
     progress: Progress
+    samples: sample_log.SampleRecorder  # per-sample correctness (and probabilities) of the current epoch
     writer: ckpt.BackgroundWriter = field(default_factory=ckpt.BackgroundWriter)
 
 
@@ -111,6 +112,10 @@ def _restore(run: Run) -> Progress:
         ckpt.set_rng_state(saved["rng"][env.rank], env.device)
     if env.is_main:
         rundir.rewrite_metrics(cfg.out_dir, progress.history)  # drop lines of epochs after the checkpoint
+        restarted = sample_log.cut_to(cfg.out_dir, progress.epoch + 1, len(run.dataset.labels["train"]))
+        if restarted:
+            log(f"{', '.join(restarted)} did not hold every epoch up to the checkpoint; kept from epoch "
+                f"{progress.epoch + 2} on")
         _repair_best(run, progress, saved["model"])
         log(f"resuming {cfg.out_dir} after epoch {progress.epoch + 1}/{cfg.epochs}")
         if saved_world != env.world_size:
@@ -163,8 +168,9 @@ def setup(cfg: Config, env: D.DistEnv, dataset: DatasetInfo, resume: bool) -> Ru
     scheduler = torch.optim.lr_scheduler.MultiStepLR(engine.optimizer, lr_milestones(cfg.epochs, cfg.lr_schedule,
                                                                                            cfg.lr_milestones), 0.1)
     shard = Shard(env.rank, env.world_size)
+    samples = sample_log.SampleRecorder(len(dataset.labels["train"]), env.device, cfg.log_per_sample)
     run = Run(cfg, env, dataset, method, engine, scheduler, train_loader(spec, shard), eval_loader(spec, shard),
-              Progress())
+              Progress(), samples)
     if resume:
         run.progress = _restore(run)
     _warn_unsynced_batchnorm(cfg, env, net)
@@ -182,11 +188,11 @@ def _epoch_is(every: int, epoch: int, cfg: Config) -> bool:
 
 
 def _record_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict | None, bins: dict | None,
-                  outputs: dict | None, wall_s: float, state: dict) -> None:
-    """Rank 0: record the epoch and hand its files to the background writer: the test logits, then
-    checkpoint.pt (when `state` holds the optimizer: a checkpoint epoch), metrics.jsonl and best.pt
-    (when the best improves; from `state["model"]`). The logits go first: a checkpoint never names an
-    epoch newer than they are."""
+                  outputs: dict | None, sample_rows: dict[str, bytes], wall_s: float, state: dict) -> None:
+    """Rank 0: record the epoch and hand its files to the background writer: the per-sample rows and
+    the test logits, then checkpoint.pt (when `state` holds the optimizer: a checkpoint epoch),
+    metrics.jsonl and best.pt (when the best improves; from `state["model"]`). The rows and logits go
+    first: a checkpoint never names an epoch newer than they are."""
     cfg, out = run.cfg, run.cfg.out_dir
     record, improved = run.progress.record(epoch, lr, train, test, bins, wall_s)
     classes = run.dataset.meta.get("classes")
@@ -198,6 +204,7 @@ def _record_epoch(run: Run, epoch: int, lr: float, train: dict, test: dict | Non
             "data_sha256": run.dataset.sha256()})}
 
     def write() -> None:
+        sample_log.append_rows(out, epoch, len(run.dataset.labels["train"]), sample_rows)
         if outputs is not None:
             ckpt.save_test_logits(os.path.join(out, rundir.TEST_LOGITS), epoch, outputs)
             if improved:
@@ -225,12 +232,15 @@ def train_loop(run: Run, gate: SignalGate) -> bool:
         for epoch in range(run.progress.epoch + 1, cfg.epochs):
             start = time.perf_counter()
             lr = engine.optimizer.param_groups[0]["lr"]
-            train_stats = train_one_epoch(engine, run.method, run.train_loader, epoch, cfg, env)
+            train_stats = train_one_epoch(engine, run.method, run.train_loader, epoch, cfg, env, run.samples)
+            sample_rows = run.samples.end_epoch(env.is_main)
             test, bins, outputs = None, None, None
             if _epoch_is(cfg.eval_every, epoch, cfg):
                 with engine.gathered() as net:  # FSDP: whole on every rank, no collective per forward
                     test, bins, outputs = evaluate(net, run.test_loader, env, cfg.ece_bins,
                                                    run.dataset.meta.get("superclass_of_class"))
+                if outputs is not None:  # what figures name the classes and domains with
+                    outputs |= {key: run.dataset.meta.get(key) for key in ("classes", "superclass_of_class")}
             run.scheduler.step()
             wall_s = time.perf_counter() - start
             stopping = gate.requested_anywhere(env.device) and epoch + 1 < cfg.epochs
@@ -240,7 +250,7 @@ def train_loop(run: Run, gate: SignalGate) -> bool:
             elif _epoch_is(cfg.eval_every, epoch, cfg):
                 state = engine.full_state(with_optimizer=False)  # the weights best.pt needs if the best improved
             if env.is_main:
-                _record_epoch(run, epoch, lr, train_stats, test, bins, outputs, wall_s, state)
+                _record_epoch(run, epoch, lr, train_stats, test, bins, outputs, sample_rows, wall_s, state)
             if stopping:
                 run.writer.join()
                 D.barrier()  # every rank hands over only once the checkpoint is on disk

@@ -21,7 +21,9 @@ Below the tables come the runs that are not done, by state, from the launcher's 
 (launch/runs.py). The report is also written to DIR/results.md, with DIR/results.csv (both epochs; with
 the columns of `launch.paper.COLUMNS` when a grid declares a paper table) and one
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
-`--status` prints only each grid's run counts and its unfinished runs.
+DIR/report.html (launch/report_html.py) is the same report as one self-contained page, with the plain tables
+at both epochs, each grid's run counts, the machines, and every figure embedded (also the papers' figures of
+launch/figures.py, where it is present). `--status` prints only each grid's run counts and its unfinished runs.
 
 Damaged inputs never hide the table. A summary.json or grid.json that cannot be read or lacks what
 a table needs is left out and listed, with its path and what is wrong, under "Unreadable files" at
@@ -40,7 +42,9 @@ import os
 import re
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from cskd import rundir
@@ -51,7 +55,8 @@ from cskd.fileio import write_text
 from cskd.metrics import METRIC_NAMES
 from cskd.plots import reliability_overlay
 from cskd.rundir import Summary, read_summary
-from launch import paper, runs
+from launch import paper, report_html, runs
+from launch.report_html import Figure
 from launch.runs import RunStatus
 
 BASELINE = "ce"
@@ -408,10 +413,11 @@ def report(root: str | Path, metric: str = "top1_err", epoch: str = "final", out
     return make_report(root, metric, epoch, out_stem).text
 
 
-def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final", out_stem: str = "results"
-                ) -> Report:
+def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final", out_stem: str = "results",
+                with_figures: bool = True) -> Report:
     """`report`, also saying which files were written. Unreadable inputs are listed in the text and
-    files that cannot be written are skipped, each kind with one `warning:` line on stderr."""
+    files that cannot be written are skipped, each kind with one `warning:` line on stderr.
+    `with_figures=False` leaves the papers' figures (`paper_figures`) out of report.html."""
     root = Path(root)
     manifests = read_manifests(root)
     (results, bad_summaries), (grids, bad_grids) = read_results(root), read_grids(root, manifests)
@@ -436,7 +442,8 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
     if ensembles.results:
         blocks.append(ensemble_text(ensembled, metric, epoch, ensembles.failed()))
     tables = "\n".join(blocks) or f"no finished runs (summary.json) under {root}\n"
-    parts = (tables, paper.declarations_text(bad_declarations), not_done_text(root, run_statuses(grids, unreadable)),
+    states = run_statuses(grids, unreadable)
+    parts = (tables, paper.declarations_text(bad_declarations), not_done_text(root, states),
              unreadable_text(root, unreadable))
     text = "\n".join(t for t in parts if t)
     if bad_declarations:
@@ -446,7 +453,11 @@ def make_report(root: str | Path, metric: str = "top1_err", epoch: str = "final"
         _warn(f"{len(unreadable)} summary.json/grid.json file(s) under {root} could not be read; they are listed "
               f"under 'Unreadable files' in the report")
     csv_rows = csv_text(rows + ensembled + paper_rows, with_paper=bool(paper_rows))
-    return Report(text, _write_files(root, out_stem, text, csv_rows, results), unreadable)
+    other = "best" if epoch == "final" else "final"  # results.md's plain tables are at `epoch` only; the page has both
+    page = partial(report_html.write_report_html, root, results, text, other_epoch=other,
+                   other_tables=(markdown_tables(rows, other) + "\n" + footnote(plain)) if plain else "",
+                   grids=grid_counts(root, grids, states))
+    return Report(text, _write_files(root, out_stem, text, csv_rows, results, page, with_figures), unreadable)
 
 
 def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
@@ -457,8 +468,10 @@ def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: list[Summary]) -> list[Path]:
-    """Write the report's files; those that cannot be written (a read-only root) are named in one warning."""
+def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: list[Summary],
+                 page: Callable[..., Path], with_figures: bool) -> list[Path]:
+    """Write the report's files, report.html last (`page(figures=...)`, with the figures written before it);
+    those that cannot be written (a read-only root) are named in one warning."""
     written, failed = [], []
     for path, write in ((root / f"{out_stem}.md", lambda p: write_text(p, text)),
                         (root / f"{out_stem}.csv", lambda p: write_text(p, csv_rows))):
@@ -467,20 +480,55 @@ def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: l
             written.append(path)
         except OSError as e:
             failed.append((path, e))
+    reliability = []
     try:
-        written += write_reliability(root, results)
+        reliability = write_reliability(root, results)
+        written += reliability
     except OSError as e:
         failed.append((Path(e.filename or root / "reliability_*.png"), e))
     except ValueError as e:  # seeds with different numbers of bins (ece_bins) cannot be pooled into one curve
         failed.append((root / "reliability_*.png", e))
+    try:
+        figures = paper_figures(root) if with_figures else []
+        written.append(page(figures=figures + report_html.reliability_figures(reliability)))
+    except OSError as e:
+        failed.append((root / report_html.NAME, e))
     if failed:
         why = getattr(failed[0][1], "strerror", None) or failed[0][1]
         _warn(f"could not write {', '.join(str(p) for p, _ in failed)} ({why}); the report is printed only")
     return written
 
 
+def paper_figures(root: Path) -> list[Figure]:
+    """The papers' figures of the runs under `root` as PNGs (launch/figures.py's `make_figures`, where this checkout
+    has it); one that cannot be made is one warning, and report.html goes without them."""
+    try:
+        from launch.figures import make_figures
+    except ImportError as e:
+        if e.name != "launch.figures":  # launch/figures.py is there but cannot be imported: say so
+            _warn(f"the papers' figures are left out of {report_html.NAME}: {e}")
+        return []
+    try:
+        return list(make_figures(root, fmt="png"))
+    except (CskdError, OSError, ValueError) as e:
+        _warn(f"the papers' figures are left out of {report_html.NAME}: {e}")
+        return []
+
+
 def _warn(message: str) -> None:
     print(f"warning: {one_line(message)}", file=sys.stderr, flush=True)
+
+
+def grid_counts(root: Path, grids: list[tuple[str, Path, list[Path]]], states: dict[Path, RunStatus]
+                ) -> list[tuple[str, dict[str, int]]]:
+    """Per grid: "name (its path under root)" and its number of runs in each state (COUNTED, then unknown where
+    there are any); the counts add up to the grid's runs."""
+    counted = []
+    for name, grid_root, dirs in grids:
+        counts = {s: sum(states[d].state == s for d in dirs) for s in runs.STATES}
+        shown = COUNTED + (("unknown",) if counts["unknown"] else ())
+        counted.append((f"{name} ({os.path.relpath(grid_root, root)})", {s: counts[s] for s in shown}))
+    return counted
 
 
 def status_text(root: str | Path) -> str:
@@ -491,12 +539,8 @@ def status_text(root: str | Path) -> str:
     if not grids and not unreadable:
         return f"no grid.json and no run dirs under {root}\n"
     states = run_statuses(grids, unreadable)
-    lines = []
-    for name, grid_root, dirs in grids:
-        counts = {s: sum(states[d].state == s for d in dirs) for s in runs.STATES}
-        shown = COUNTED + (("unknown",) if counts["unknown"] else ())
-        lines.append(f"{name} ({os.path.relpath(grid_root, root)}): "
-                     + ", ".join(f"{s} {counts[s]}" for s in shown) + f" — total {len(dirs)}")
+    lines = [f"{grid}: " + ", ".join(f"{s} {n}" for s, n in counts.items()) + f" — total {sum(counts.values())}"
+             for grid, counts in grid_counts(root, grids, states)]
     return "\n".join(lines) + "\n\n" + "\n".join(t for t in (not_done_text(root, states),
                                                              unreadable_text(root, unreadable)) if t)
 

@@ -273,11 +273,14 @@ def _finish(root: Path, wait: bool, all_runs: list[Run]) -> int:
     """Wait for Slurm jobs (if asked), print the table and every run that did not finish."""
     status = submit.wait([r.out_dir for r in all_runs]) if wait else runs.statuses([r.out_dir for r in all_runs])
     print()
-    result = make_report(root)  # files it cannot write are one warning line: the table is printed anyway
+    # Files it cannot write are one warning line: the table is printed anyway. The papers' figures (a
+    # t-SNE takes seconds per method) are left to `collect.py`, which the last line points to.
+    result = make_report(root, with_figures=False)
     print(result.text, end="")
     tables = [str(p) for p in result.written if p.suffix != ".png"]
     if tables:
         print(f"written: {', '.join(tables)}")
+        print(f"the papers' figures in report.html: python launch/collect.py {root}")
     bad = [(d, s) for d, s in status.items() if s.state != "done"]
     for d, s in bad:
         print(f"{s.state}: {d}: {s.detail}" + (f" (log: {s.log})" if s.log else ""), file=sys.stderr)

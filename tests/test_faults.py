@@ -135,7 +135,7 @@ KILLS = [("best", 1), "time", ("checkpoint-mid", 1), "time", ("checkpoint-tmp", 
 
 
 def test_sigkill_at_ten_points_resumes_to_the_uninterrupted_result(mnist_dir, tmp_path):
-    args = ["method=cskd", "epochs=6", "deterministic=true"]
+    args = ["method=cskd", "epochs=6", "deterministic=true", "log_per_sample=true"]
     straight = run_cli(train_args(mnist_dir, tmp_path / "straight", *args))
     assert straight.returncode == 0, straight.stderr
     out, rng = tmp_path / "killed", random.Random(0)
@@ -158,5 +158,7 @@ def test_sigkill_at_ten_points_resumes_to_the_uninterrupted_result(mnist_dir, tm
     history = [json.loads(line)["test"] for line in (out / rundir.METRICS).read_text().splitlines()]
     assert history == [json.loads(line)["test"] for line in (tmp_path / "straight" / rundir.METRICS).read_text()
                        .splitlines()]
+    for name in (rundir.TRAIN_CORRECT, rundir.TRAIN_PROBS):  # rows of killed epochs were cut, then written again
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     # No temp file of an interrupted write and no lock file is left behind.
     assert sorted(p.name for p in out.iterdir()) == sorted(rundir.ARTIFACTS)

@@ -28,6 +28,8 @@ def test_demo_grid_cskd_beats_ce_on_every_paired_seed(tmp_path):
         assert final[("cskd", seed)] < final[("ce", seed)], final
     table = (tmp_path / "runs" / "results.md").read_text()
     assert table in res.stdout
+    assert (tmp_path / "runs" / "report.html").read_text().startswith("<!DOCTYPE html>")
+    assert f"the papers' figures in report.html: python launch/collect.py {tmp_path / 'runs'}" in res.stdout
     rows = {r["method"] + "/" + r["epoch"]: r for r in csv.DictReader(open(tmp_path / "runs" / "results.csv"))}
     # the seeds' means, and their 3-model ensembles (the runs keep their test logits)
     assert set(rows) == {f"{m}/{e}" for m in ("ce", "cskd") for e in ("final", "best", "final-ensemble",

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from cskd import rundir
 from conftest import REPO, run_cli
 
 GRID = str(REPO / "launch" / "grid.py")
@@ -56,7 +58,8 @@ def grids(mnist_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("methods")
     # The device-resident loader: the same batches as FFCV's (tests/test_device_data.py) without FFCV's
     # JIT compilation in every run's process, most of a short run's time.
-    fixed = {"data.path": str(mnist_dir), "data.loader": "device", "epochs": 4}
+    # Every run keeps its per-sample probabilities (log_per_sample), for the figures (tests/test_figures.py).
+    fixed = {"data.path": str(mnist_dir), "data.loader": "device", "epochs": 4, "log_per_sample": True}
     baseline = run_grid(root / "baseline.yaml", root / "baseline", overrides=fixed, axes={"method": ["ce", "cskd"]},
                         seeds=SEEDS)  # side by side
     teacher = root / "baseline" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
@@ -100,6 +103,9 @@ def test_stateful_methods_killed_and_resumed_match_the_uninterrupted_runs(grids,
         got = json.loads((tmp_path / method / "summary.json").read_text())
         want = grids["smoke"][(method, 0)]
         assert (got["final"], got["best"]) == (want["final"], want["best"]), method
+        for name in (rundir.TRAIN_CORRECT, rundir.TRAIN_PROBS):  # the killed epoch's rows were cut, then rewritten
+            straight = grids["root"] / "smoke" / "mnist5k" / "small_cnn" / method / "seed0" / name
+            assert (tmp_path / method / name).read_bytes() == straight.read_bytes(), (method, name)
 
 
 def run_all(commands: dict[str, list[str]], timeout: float = 600) -> dict[str, subprocess.CompletedProcess]:
@@ -132,6 +138,13 @@ def test_collect_tables_every_method(grids):
     assert res.returncode == 0, res.stderr
     rows = {line.split("|")[1].strip() for line in res.stdout.splitlines() if line.startswith("| ")}
     assert {"ce", "cskd", *COMPARED, *SMOKE} <= rows, res.stdout
+    # report.html embeds every figure these runs allow (all but CS-KD's Fig. 4: MNIST has no superclasses)
+    drawn = sorted((grids["root"] / "figures").glob("*.png"))
+    assert [p.name for p in drawn] == [f"{name}_mnist5k{'' if name == 'pskd_fig3' else '_small_cnn'}.png" for name in
+                                       ("cskd_fig1b", "cskd_fig2", "cskd_fig3", "cskd_fig5", "pskd_fig2", "pskd_fig3",
+                                        "pskd_fig4")]
+    page = (grids["root"] / "report.html").read_text()
+    assert page.count('<img src="data:image/png;base64,') == len(drawn) + 1  # and the reliability overlay
 
 
 def test_eval_adds_hierarchy_accuracy_where_the_dataset_records_superclasses(grids, mnist_dir, tmp_path):
@@ -151,3 +164,53 @@ def test_eval_adds_hierarchy_accuracy_where_the_dataset_records_superclasses(gri
     assert 100 - result["top1_err"] <= result["hier_acc"] <= 100
     plain = grids["baseline"][("cskd", 0)]["final"]
     assert "hier_acc" not in plain and result["top1_err"] == pytest.approx(plain["top1_err"])
+
+
+def test_the_papers_figures_from_the_real_runs(grids):
+    """The figures of these grids' real runs (one group: mnist5k / small_cnn, seed 0) plot what the run dirs hold,
+    computed here directly from their files. CS-KD's t-SNE is left to tests/test_figures.py (seconds per method)."""
+    import numpy as np
+    import torch
+
+    from cskd import checkpoint, sample_log
+    from launch import collect, figure_runs, figures
+
+    root = grids["root"]
+    run = {m: root / part / "mnist5k" / "small_cnn" / m / "seed0" for part, ms in
+           (("baseline", ("ce", "cskd")), ("smoke", ("pskd",))) for m in ms}
+    (group,) = figure_runs.find_groups(collect.read_results(root)[0], "model")
+    logits = {m: checkpoint.load(d / rundir.TEST_LOGITS) for m, d in run.items()}
+    labels = logits["ce"]["labels"]
+
+    missed = ((logits["ce"]["logits"].float().argmax(1) != labels) & (logits["cskd"]["logits"].float().argmax(1)
+                                                                      != labels)).sum().item()
+    counts = figures.FIGURES["cskd_fig2"].make(group).numbers["counts"]
+    assert missed > 0 and all(c.sum() == missed for panel in counts.values() for c in panel.values()), counts
+
+    correct = sample_log.read_correct(run["ce"]).rows  # 4 epochs of CE
+    hard = np.flatnonzero(correct.sum(axis=0) * 2 < len(correct))[:100]
+    assert len(hard) > 0
+    means = figures.FIGURES["pskd_fig2"].make(group).numbers["mean"]
+    for method in ("ce", "pskd"):
+        target, top = sample_log.read_probabilities(run[method])
+        assert np.allclose(means["target"][method], target.rows[:, hard].mean(axis=1))
+        assert np.allclose(means["max"][method], top.rows[:, hard].mean(axis=1))
+
+    shown = figures.FIGURES["pskd_fig4"].make(group).numbers
+    assert shown["image_text"] == [None, None]  # the images come from the runs' own dataset
+    for sample_bars in shown["bars"]:
+        assert len(sample_bars["ce"]) == 5 and np.all(np.diff(sample_bars["pskd"]) <= 0)
+    probs = torch.softmax(logits["pskd"]["logits"].double(), 1)
+    wrong_both = [i for i in range(len(labels)) if all(logits[m]["logits"][i].float().argmax() != labels[i]
+                                                        for m in ("ce", "pskd"))]
+    assert np.allclose(shown["bars"][0]["pskd"], probs[wrong_both[0]].sort(descending=True).values[:5])
+
+    ece = figures.FIGURES["pskd_fig3"].make(figure_runs.find_groups(group.runs, "dataset")[0]).numbers["ece"]
+    summaries = {r.label: r.final["ece"] for r in group.runs}
+    assert ece["small_cnn"] == pytest.approx(summaries)  # one curve per method, each its run's ECE (one seed)
+    assert figures.FIGURES["cskd_fig4"].make(group) is None  # MNIST records no superclasses: not this grid's figure
+
+    skipped = []
+    made = figures.make_figures(root, only="cskd_fig5", fmt="pdf", skipped=skipped)
+    assert [f.path.name for f in made] == ["cskd_fig5_mnist5k_small_cnn.pdf"] and not skipped
+    assert made[0].path.read_bytes()[:4] == b"%PDF"

@@ -4,7 +4,7 @@ import pytest
 import torch
 import yaml
 
-from cskd import checkpoint
+from cskd import checkpoint, sample_log
 from cskd.config import load_config
 from cskd.errors import NonFiniteLossError
 from cskd.methods import METHODS, Method, StepOutput
@@ -42,6 +42,14 @@ def test_cli_run_writes_the_run_dir(mnist_dir, tmp_path):
         assert saved["logits"].shape == (1000, 10) and saved["labels"].shape == (1000,)
         err = 100 * (saved["logits"].float().argmax(1) != saved["labels"]).double().mean().item()
         assert err == pytest.approx(summary[kind]["top1_err"], abs=0.2)  # float16 may break a near-tie otherwise
+        # mnist5k's test split: 100 per class, 10 classes, so the feature subset is the whole split
+        assert saved["feature_index"].tolist() == list(range(1000)) and saved["features"].shape == (1000, 64)
+        assert saved["classes"] == [str(c) for c in range(10)] and saved["superclass_of_class"] is None
+    correct = sample_log.read_correct(out)  # one row per epoch, its bits counting the epoch's train accuracy
+    assert correct.first_epoch == 0 and correct.rows.shape == (2, 4000)
+    for row, line in zip(correct.rows, lines):
+        assert 100 * (1 - row.mean()) == pytest.approx(line["train"]["top1_err"], abs=1e-9)
+    assert sample_log.read_probabilities(out) is None  # log_per_sample is off by default
     assert "\x1b[" not in res.stdout and "\r" not in res.stdout  # plain log lines, not a bar, in a pipe
 
     again = run_cli(train_args(mnist_dir, out, "method=cskd", "epochs=2"))
