@@ -33,6 +33,17 @@ def free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
+def memory_budget(device: torch.device, ranks_on_device: int | None = None) -> float:
+    """The bytes a loader may keep resident on `device`: `MEMORY_SHARE` of its free memory, divided among
+    the ranks that share it (on the CPU every rank of the node holds its own copy; a GPU is one rank's).
+    `ranks_on_device` defaults to this node's ranks on the CPU, 1 on a GPU."""
+    if ranks_on_device is None:
+        from cskd.distributed import local_world_size
+
+        ranks_on_device = local_world_size() if device.type == "cpu" else 1
+    return MEMORY_SHARE * free_bytes(device) / ranks_on_device
+
+
 def _decode_all(path: str, num_samples: int) -> np.ndarray:
     """Every image of a fixed-size .beton with JPEG samples, decoded by FFCV itself (a SEQUENTIAL pass),
     so the pixels are exactly those the FFCV loader would produce."""
@@ -56,10 +67,11 @@ def read_split(info: DatasetInfo, split: str, device: torch.device) -> tuple[tor
         raise ConfigError(f"data.loader=device needs one fixed image size, but {info.beton(split)} stores images of "
                           f"varying sizes; re-convert the dataset with a fixed --size, or use data.loader=ffcv")
     n, (h, w) = len(info.labels[split]), shape
-    need, free = n * h * w * 3, free_bytes(device)
-    if need > MEMORY_SHARE * free:
-        raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, more than "
-                        f"{MEMORY_SHARE:.0%} of the {free / 2**30:.2f} GiB free on {device}; use data.loader=ffcv")
+    need, budget = n * h * w * 3, memory_budget(device)
+    if need > budget:
+        raise DataError(f"data.loader=device: {info.beton(split)} needs {need / 2**30:.2f} GiB as uint8, above the "
+                        f"{budget / 2**30:.2f} GiB budget on {device} ({MEMORY_SHARE:.0%} of its free memory, shared "
+                        f"by the ranks on it); use data.loader=ffcv")
     beton = read_beton(info.beton(split))  # checked by open_dataset
     image_meta = beton.field("image")
     if (image_meta["mode"] == RAW_MODE).all():

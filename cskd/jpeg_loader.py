@@ -23,7 +23,7 @@ order (`cskd.orders`): methods see the same `Batch`es.
 The next training batch is decoded on a background thread while the current one trains (crop
 draws happen there, in step order, hence their own generator). The test split is decoded once,
 during the first evaluation, into one uint8 N x S x S x 3 tensor on the device (ImageNet val at
-224 px: 7.5 GB) when it fits `MEMORY_SHARE` of the free memory; else every evaluation decodes again.
+224 px: 7.5 GB) when it fits `device_loader.memory_budget`; else every evaluation decodes again.
 """
 from __future__ import annotations
 
@@ -279,13 +279,11 @@ class JpegEvalLoader:
         self.why = ""  # the cache decision, made at the first pass, when the model holds its memory
 
     def _plan_cache(self) -> None:
-        from cskd.device_loader import MEMORY_SHARE, free_bytes
-        from cskd.distributed import local_world_size
+        from cskd.device_loader import memory_budget
 
         device = self.spec.device
         need = len(self.ids) * self.size[0] * self.size[1] * 3
-        ranks = local_world_size() if device.type == "cpu" else 1  # a node's ranks share its RAM
-        budget = MEMORY_SHARE * free_bytes(device) / ranks
+        budget = memory_budget(device)
         shape = f"{len(self.ids)} x {self.size[0]} x {self.size[1]} x 3 uint8"
         if need <= budget:
             self.cache = torch.empty((len(self.ids), *self.size, 3), dtype=torch.uint8, device=device)

@@ -35,9 +35,8 @@ class EvalBatches(Protocol):
 def device_fit_problem(dataset: DatasetInfo, device: torch.device, ranks_on_device: int = 1) -> str | None:
     """Why the device loader cannot hold `dataset`'s train and test splits on `device`, or None.
 
-    Budget: `MEMORY_SHARE` of the free memory, shared by the ranks of a node on the CPU (each holds
-    its own copy) and left mostly to the model on a GPU."""
-    from cskd.device_loader import MEMORY_SHARE, free_bytes
+    Budget: `cskd.device_loader.memory_budget`."""
+    from cskd.device_loader import memory_budget
 
     need = 0
     for split in ("train", "test"):
@@ -45,7 +44,7 @@ def device_fit_problem(dataset: DatasetInfo, device: torch.device, ranks_on_devi
         if shape is None:
             return f"{dataset.beton(split)} stores images of varying sizes"
         need += len(dataset.labels[split]) * shape[0] * shape[1] * 3
-    budget = MEMORY_SHARE * free_bytes(device) / ranks_on_device
+    budget = memory_budget(device, ranks_on_device)
     if need > budget:
         return f"its splits need {need / 2**30:.2f} GiB as uint8, above the {budget / 2**30:.2f} GiB budget on {device}"
     return None

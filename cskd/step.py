@@ -60,7 +60,7 @@ def autocast(cfg: Config, device: torch.device):
 
 
 def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Config, env: D.DistEnv,
-                    samples: SampleRecorder | None = None) -> dict:
+                    samples: SampleRecorder) -> dict:
     """One pass over the training order with `engine` (`cskd.engine.Engine`: model, backward, step,
     no_sync, and the optimizer whose LR the warmup sets); returns loss/error/throughput averaged over
     all ranks. `samples` records each sample's correctness (and probabilities) from the step's logits."""
@@ -91,8 +91,7 @@ def train_one_epoch(engine, method, loader: TrainBatches, epoch: int, cfg: Confi
                 loss_sum += out.loss.detach().double() * k  # on the device: no host sync per step
                 right = out.logits.detach().argmax(1) == part.labels
                 correct += right.sum()
-                if samples is not None:
-                    samples.observe(part.index, right, out.logits, part.labels)
+                samples.observe(part.index, right, out.logits, part.labels)
                 for name, value in out.terms.items():
                     term_sums[name] = term_sums.get(name, 0) + value.double() * k
             engine.step()

@@ -23,7 +23,8 @@ the columns of `launch.paper.COLUMNS` when a grid declares a paper table) and on
 reliability diagram per dataset/model with the methods overlaid (DIR/reliability_<dataset>_<model>.png).
 DIR/report.html (launch/report_html.py) is the same report as one self-contained page, with the plain tables
 at both epochs, each grid's run counts, the machines, and every figure embedded (also the papers' figures of
-launch/figures.py, where it is present). `--status` prints only each grid's run counts and its unfinished runs.
+launch/figures.py, and why those the runs allow only in part were not drawn). `--status` prints only each
+grid's run counts and its unfinished runs.
 
 Damaged inputs never hide the table. A summary.json or grid.json that cannot be read or lacks what
 a table needs is left out and listed, with its path and what is wrong, under "Unreadable files" at
@@ -56,6 +57,7 @@ from cskd.metrics import METRIC_NAMES
 from cskd.plots import reliability_overlay
 from cskd.rundir import Summary, read_summary
 from launch import paper, report_html, runs
+from launch.figures import make_figures
 from launch.report_html import Figure
 from launch.runs import RunStatus
 
@@ -470,7 +472,7 @@ def unreadable_text(root: Path, unreadable: list[Unreadable]) -> str:
 
 def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: list[Summary],
                  page: Callable[..., Path], with_figures: bool) -> list[Path]:
-    """Write the report's files, report.html last (`page(figures=...)`, with the figures written before it);
+    """Write the report's files, report.html last (`page(figures=..., not_drawn=...)`, the figures written first);
     those that cannot be written (a read-only root) are named in one warning."""
     written, failed = [], []
     for path, write in ((root / f"{out_stem}.md", lambda p: write_text(p, text)),
@@ -489,8 +491,8 @@ def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: l
     except ValueError as e:  # seeds with different numbers of bins (ece_bins) cannot be pooled into one curve
         failed.append((root / "reliability_*.png", e))
     try:
-        figures = paper_figures(root) if with_figures else []
-        written.append(page(figures=figures + report_html.reliability_figures(reliability)))
+        figures, not_drawn = paper_figures(root) if with_figures else ([], [])
+        written.append(page(figures=figures + report_html.reliability_figures(reliability), not_drawn=not_drawn))
     except OSError as e:
         failed.append((root / report_html.NAME, e))
     if failed:
@@ -499,20 +501,16 @@ def _write_files(root: Path, out_stem: str, text: str, csv_rows: str, results: l
     return written
 
 
-def paper_figures(root: Path) -> list[Figure]:
-    """The papers' figures of the runs under `root` as PNGs (launch/figures.py's `make_figures`, where this checkout
-    has it); one that cannot be made is one warning, and report.html goes without them."""
+def paper_figures(root: Path) -> tuple[list[Figure], list[str]]:
+    """The papers' figures of the runs under `root` as PNGs (`launch.figures.make_figures`), and the reasons of
+    the figures the runs allow only in part; figures that cannot be made at all are one warning, and report.html
+    goes without them."""
+    skipped: list[str] = []
     try:
-        from launch.figures import make_figures
-    except ImportError as e:
-        if e.name != "launch.figures":  # launch/figures.py is there but cannot be imported: say so
-            _warn(f"the papers' figures are left out of {report_html.NAME}: {e}")
-        return []
-    try:
-        return list(make_figures(root, fmt="png"))
+        return make_figures(root, fmt="png", skipped=skipped), skipped
     except (CskdError, OSError, ValueError) as e:
         _warn(f"the papers' figures are left out of {report_html.NAME}: {e}")
-        return []
+        return [], []
 
 
 def _warn(message: str) -> None:

@@ -129,20 +129,22 @@ def figure_html(figure: Figure) -> str:
             f"<figcaption>{caption}</figcaption></figure>\n")
 
 
-def figures_html(figures: list[Figure]) -> str:
-    """`figures` under a heading per name, the names in the order they first come."""
-    if not figures:
-        return "<p>No figures.</p>\n"
+def figures_html(figures: list[Figure], not_drawn: list[str]) -> str:
+    """`figures` under a heading per name, the names in the order they first come, then why the figures the runs
+    allow only in part were not drawn (`not_drawn`: launch.figures' reason lines)."""
     names = list(dict.fromkeys(f.name for f in figures))
-    return "".join(f"<h3>{escape(name)}</h3>\n" + "".join(figure_html(f) for f in figures if f.name == name)
-                   for name in names)
+    html = "".join(f"<h3>{escape(name)}</h3>\n" + "".join(figure_html(f) for f in figures if f.name == name)
+                   for name in names) or "<p>No figures.</p>\n"
+    if not_drawn:
+        html += "<h3>Not drawn</h3>\n<ul>\n" + "".join(f"<li>{escape(line)}</li>\n" for line in not_drawn) + "</ul>\n"
+    return html
 
 
 def render_html(root: Path, results: list[Summary], text: str, *, other_epoch: str, other_tables: str,
-                grids: list[tuple[str, dict[str, int]]], figures: list[Figure], generated: datetime | None = None
-                ) -> str:
+                grids: list[tuple[str, dict[str, int]]], figures: list[Figure], not_drawn: list[str],
+                generated: datetime | None = None) -> str:
     """The page: title, what results.md holds (`text`), the plain tables at `other_epoch` (`other_tables`, Markdown;
-    none if empty), the runs per state of `grids`, the machines of `results` and `figures`."""
+    none if empty), the runs per state of `grids`, the machines of `results`, `figures` and the `not_drawn` reasons."""
     title = escape(Path(root).resolve().name or str(root))
     when = (generated or datetime.now(timezone.utc)).strftime("%Y-%m-%d %H:%M UTC")
     other = (f"<h3>Plain tables at the {escape(other_epoch)} epoch</h3>\n{_MARKDOWN.render(other_tables)}"
@@ -153,14 +155,14 @@ def render_html(root: Path, results: list[Summary], text: str, *, other_epoch: s
             f"<h2>Tables</h2>\n{_MARKDOWN.render(text)}{other}"
             f"<h2>Runs</h2>\n{runs_html(grids)}"
             f"<h2>Machines</h2>\n{machines_html(machines(results))}"
-            f"<h2>Figures</h2>\n{figures_html(figures)}</body>\n</html>\n")
+            f"<h2>Figures</h2>\n{figures_html(figures, not_drawn)}</body>\n</html>\n")
 
 
 def write_report_html(root: Path, results: list[Summary], text: str, *, other_epoch: str, other_tables: str,
-                      grids: list[tuple[str, dict[str, int]]], figures: list[Figure]) -> Path:
+                      grids: list[tuple[str, dict[str, int]]], figures: list[Figure], not_drawn: list[str]) -> Path:
     """Write `render_html`'s page to root/report.html (atomically: a reader sees the old page or the new one)."""
     page = render_html(root, results, text, other_epoch=other_epoch, other_tables=other_tables, grids=grids,
-                       figures=figures)
+                       figures=figures, not_drawn=not_drawn)
     path = Path(root) / NAME
     # ASCII with character references (± as &#177;): the bytes are the same whatever the locale's encoding
     # write_text uses, and match the page's <meta charset="utf-8">

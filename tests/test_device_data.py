@@ -226,6 +226,17 @@ def _info(shape, n_train: int = 1000):
     return DatasetInfo(Path("/data/x"), {"num_classes": 10}, labels, {"train": shape, "test": shape})
 
 
+def test_memory_budget_is_half_the_free_memory_shared_by_the_ranks_on_it(monkeypatch):
+    """One budget for the device loader's check, its reading of a split and the JPEG loader's test cache."""
+    from cskd import device_loader
+
+    monkeypatch.setattr(device_loader, "free_bytes", lambda device: 8 * 2**30)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert device_loader.memory_budget(cpu, 4) == 2**30
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # this node's torchrun ranks each hold a copy in its RAM
+    assert device_loader.memory_budget(cpu) == 2 * 2**30 and device_loader.memory_budget(gpu) == 4 * 2**30
+
+
 def test_loader_auto_takes_the_device_where_the_splits_fit_else_ffcv_saying_why():
     from cskd.loaders import choose_loader
 

@@ -113,14 +113,29 @@ ENV_CASES = [
 ]
 
 
-@pytest.mark.parametrize("env, fragment", ENV_CASES, ids=[" ".join(f"{k}={v}" for k, v in c[0].items())
-                                                          for c in ENV_CASES])
-def test_distributed_environment_errors(mnist_dir, tmp_path, env, fragment):
+# The first case and the two rendezvous timeouts run as real processes; the other cases fail on the
+# variables alone, before any connection, and call the CLI function in this process.
+ENV_IN_A_PROCESS = (0, len(ENV_CASES) - 2, len(ENV_CASES) - 1)
+
+
+@pytest.mark.parametrize("case", range(len(ENV_CASES)), ids=[" ".join(f"{k}={v}" for k, v in c[0].items())
+                                                              for c in ENV_CASES])
+def test_distributed_environment_errors(mnist_dir, tmp_path, case, monkeypatch, capsys):
+    from cskd.train import cli
+
+    env, fragment = ENV_CASES[case]
     out = tmp_path / "run"
     port = str(free_port())
     env = {**UNSET, **{k: v.format(port=port) for k, v in env.items()}}
     start = time.monotonic()
-    res = run_cli(train_args(mnist_dir, out), timeout=120, env=env)  # a hang fails here, after 120 s
+    args = train_args(mnist_dir, out)
+    if case in ENV_IN_A_PROCESS:
+        res = run_cli(args, timeout=120, env=env)  # a hang fails here, after 120 s
+    else:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        code = cli(args[2:])  # [2:]: not `-m cskd.train`
+        res = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert_refused(res, fragment, {}, tmp_path)
     assert not out.exists()
     assert time.monotonic() - start < 60  # the 3 s rendezvous bound holds (torch retries once: ~2x)

@@ -7,8 +7,6 @@ import base64
 import json
 import os
 import re
-import sys
-import types
 from collections import Counter
 from html import unescape
 from html.parser import HTMLParser
@@ -93,9 +91,9 @@ def decoded(page: Page) -> list[bytes]:
 
 @pytest.fixture(autouse=True)
 def without_paper_figures(monkeypatch):
-    """As a checkout without launch/figures.py (None in sys.modules: `import` raises ModuleNotFoundError), so that
-    these tests see only the figures they give."""
-    monkeypatch.setitem(sys.modules, "launch.figures", None)
+    """No paper figure (launch.figures draws none for these hand-made runs without logits), so that these tests
+    see only the figures they give."""
+    monkeypatch.setattr(collect, "make_figures", lambda root, fmt, skipped: [])
 
 
 @pytest.fixture
@@ -106,16 +104,14 @@ def fake_pngs(monkeypatch):
 
 
 def figures_module(monkeypatch, make_figures):
-    """Install `make_figures` as launch.figures' function; returns the calls it gets."""
+    """Install `make_figures` as the papers' figures collect draws; returns the calls it gets."""
     calls = []
 
     def recording(*args, **kwargs):
         calls.append((args, kwargs))
         return make_figures(*args, **kwargs)
 
-    module = types.ModuleType("launch.figures")
-    module.make_figures = recording
-    monkeypatch.setitem(sys.modules, "launch.figures", module)
+    monkeypatch.setattr(collect, "make_figures", recording)
     return calls
 
 
@@ -183,9 +179,9 @@ def test_every_figure_is_embedded_once_with_its_bytes(root, tmp_path, monkeypatc
         path.write_bytes(PNG + name.encode() * 100)
     figures = [Figure("cskd_fig2", "<b>a</b>", pngs["fig2a"], "top1 & ECE"), Figure("pskd_fig1", "one", pngs["fig1"]),
                Figure("cskd_fig2", "b", pngs["fig2b"], "second")]
-    calls = figures_module(monkeypatch, lambda root, fmt: figures)
+    calls = figures_module(monkeypatch, lambda root, fmt, skipped: figures)
     report = collect.make_report(root)  # the real reliability overlays, drawn by matplotlib
-    assert calls == [((root,), {"fmt": "png"})]
+    assert calls == [((root,), {"fmt": "png", "skipped": []})]
     reliability = sorted(root.glob("reliability_*.png"))
     assert len(reliability) == 3 and set(reliability) <= set(report.written)
     text, page = read_page(root)
@@ -197,7 +193,7 @@ def test_every_figure_is_embedded_once_with_its_bytes(root, tmp_path, monkeypatc
 
 
 def test_a_figure_that_cannot_be_read_is_named_in_its_place(root, tmp_path, fake_pngs, monkeypatch):
-    figures_module(monkeypatch, lambda root, fmt: [Figure("cskd_fig2", "gone", tmp_path / "gone.png")])
+    figures_module(monkeypatch, lambda root, fmt, skipped: [Figure("cskd_fig2", "gone", tmp_path / "gone.png")])
     assert collect.main([str(root)]) == 0
     _, page = read_page(root)
     assert len(page.imgs) == 3 and page.captions[0].startswith(f"gone (cannot read {tmp_path / 'gone.png'}: ")
@@ -205,7 +201,7 @@ def test_a_figure_that_cannot_be_read_is_named_in_its_place(root, tmp_path, fake
 
 @pytest.mark.parametrize("error", [OSError("disk full"), ValueError("bad bins"), collect.RunDirError("no logits")])
 def test_figures_that_cannot_be_made_are_one_warning(root, fake_pngs, monkeypatch, capsys, error):
-    def failing(root, fmt):
+    def failing(root, fmt, skipped):
         raise error
 
     figures_module(monkeypatch, failing)
@@ -216,10 +212,15 @@ def test_figures_that_cannot_be_made_are_one_warning(root, fake_pngs, monkeypatc
     assert len(read_page(root)[1].imgs) == 3  # the reliability overlays still are
 
 
-def test_a_figures_module_without_make_figures_adds_nothing(root, fake_pngs, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "launch.figures", types.ModuleType("launch.figures"))
+def test_figures_not_drawn_are_listed_with_their_reasons(root, fake_pngs, monkeypatch, capsys):
+    def partly(root, fmt, skipped):
+        skipped.append("cskd_fig3 mnist5k/small_cnn: needs runs of at least two of ce, vsoftmax, adacos, cskd <x>")
+        return []
+
+    figures_module(monkeypatch, partly)
     assert collect.main([str(root)]) == 0 and capsys.readouterr().err == ""
-    assert len(read_page(root)[1].imgs) == 3
+    text, page = read_page(root)
+    assert "<h3>Not drawn</h3>" in text and "adacos, cskd &lt;x&gt;</li>" in text and len(page.imgs) == 3
 
 
 def test_runs_table_counts_per_state(root, fake_pngs):
