@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -72,15 +73,17 @@ def test_failed_run_is_reported_and_others_finish(mnist_dir, tmp_path):
     assert any(l.startswith("todo") and "/cskd/seed0 (was failed: NonFiniteLossError" in l for l in lines), lines
 
 
-def test_run_dir_of_another_config_is_refused_before_anything_runs(mnist_dir, tmp_path):
+def test_run_dir_of_another_config_is_refused_before_anything_runs(mnist_dir, tmp_path, capsys):
+    from launch.grid import main  # in this process: the bad-grid cases below keep real processes
+
     grid = write_grid(tmp_path / "g.yaml", name="g", base=str(REPO / "configs" / "mnist5k_small_cnn.yaml"),
                       overrides={"data.path": str(mnist_dir), "epochs": 1}, axes={"method": ["ce", "cskd"]},
                       seeds=[0])
     blocked = tmp_path / "out" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
     blocked.mkdir(parents=True)
     (blocked / "config.yaml").write_text("method: cskd\nepochs: 99\n")  # someone else's run
-    res = run_cli([str(REPO / "launch" / "grid.py"), "--grid", str(grid), "--out", str(tmp_path / "out")],
-                  timeout=300)
+    args = ["--grid", str(grid), "--out", str(tmp_path / "out")]
+    res = subprocess.CompletedProcess(args, main(args), *capsys.readouterr())
     assert res.returncode == 2, res.stdout + res.stderr
     assert "holds a run with a different config (differs in: " in res.stderr and "epochs" in res.stderr
     assert "--force" in res.stderr and "Traceback" not in res.stderr
@@ -88,8 +91,11 @@ def test_run_dir_of_another_config_is_refused_before_anything_runs(mnist_dir, tm
     assert not (tmp_path / "out" / "grid.json").exists()
 
 
-def test_dry_run_lists_runs_with_identities(tmp_path):
-    res = run_cli([str(REPO / "launch" / "grid.py"), "--dry-run", "--out", str(tmp_path)], timeout=120)
+def test_dry_run_lists_runs_with_identities(tmp_path, capsys, monkeypatch):
+    from launch.grid import main
+
+    monkeypatch.chdir(REPO)  # the demo grid, as `python launch/grid.py` finds it from the repository
+    res = subprocess.CompletedProcess([], main(["--dry-run", "--out", str(tmp_path)]), *capsys.readouterr())
     assert res.returncode == 0
     lines = [l.split() for l in res.stdout.splitlines() if l.startswith("todo")]
     assert len(lines) == 6 and len({l[1] for l in lines}) == 6  # six distinct run identities
@@ -140,12 +146,16 @@ def test_rules_set_per_dataset_hyperparameters_and_identities_differ(tmp_path):
     assert runs[2].out_dir == tmp_path / "out" / "mnist5k" / "small_cnn" / "cskd" / "seed0"
 
 
-def test_partition_without_slurm_names_what_to_check(tmp_path):
+def test_partition_without_slurm_names_what_to_check(tmp_path, capsys, monkeypatch):
     """--partition on a machine where Slurm's commands are not found: a one-line error, nothing written."""
+    from launch.grid import main
+
     empty_bin = tmp_path / "bin"
     empty_bin.mkdir()
-    res = run_cli([str(REPO / "launch" / "grid.py"), "--partition", "gpu", "--out", str(tmp_path / "out")],
-                  timeout=120, env={"PATH": str(empty_bin)})
+    monkeypatch.setenv("PATH", str(empty_bin))
+    monkeypatch.chdir(REPO)
+    code = main(["--partition", "gpu", "--out", str(tmp_path / "out")])
+    res = subprocess.CompletedProcess([], code, *capsys.readouterr())
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "'scontrol' is not on PATH" in res.stderr and "leave out --partition" in res.stderr
     assert not (tmp_path / "out").exists()
