@@ -132,6 +132,15 @@ def pair(group: Group, methods: tuple[str, str], what: str = "") -> tuple[int, d
     return seed, {m: chosen[m][seed] for m in methods}
 
 
+def pair_with_logits(group: Group, methods: tuple[str, str]) -> tuple[int, dict[str, Summary], dict[str, dict]] | None:
+    """`pair`'s (seed, {method: run}) with {method: its checked logits file} (`paired_logits`); None as `pair`."""
+    picked = pair(group, methods)
+    if picked is None:
+        return None
+    seed, runs = picked
+    return seed, runs, paired_logits(group, runs)
+
+
 def paired_logits(group: Group, runs: dict[str, Summary]) -> dict[str, dict]:
     """Each run's logits file, checked to be of the same test set (same labels in the same order)."""
     saved = {m: group.logits(r) for m, r in runs.items()}

@@ -27,11 +27,10 @@ EMBEDDED = ("ce", "vsoftmax", "adacos", "cskd")  # CS-KD Fig. 3's panels
 def cskd_fig1b(group: Group) -> Drawing | None:
     """CS-KD Fig. 1(b): the softmax of ce and cskd (lowest common seed) on two commonly misclassified test
     samples (the lowest positions), or on --samples."""
-    picked = figure_runs.pair(group, ("ce", "cskd"))
+    picked = figure_runs.pair_with_logits(group, ("ce", "cskd"))
     if picked is None:
         return None
-    seed, runs = picked
-    saved = figure_runs.paired_logits(group, runs)
+    seed, runs, saved = picked
     labels = saved["ce"]["labels"].numpy()
     rule = "the two lowest test positions misclassified by both runs"
     default = analysis.lowest(analysis.commonly_misclassified(labels, *(s["logits"] for s in saved.values())), 2)
@@ -56,11 +55,10 @@ def cskd_fig1b(group: Group) -> Drawing | None:
 
 def cskd_fig2(group: Group) -> Drawing | None:
     """CS-KD Fig. 2 from the ce and cskd runs' test logits at their lowest common seed."""
-    picked = figure_runs.pair(group, ("ce", "cskd"))
+    picked = figure_runs.pair_with_logits(group, ("ce", "cskd"))
     if picked is None:
         return None
-    seed, runs = picked
-    saved = figure_runs.paired_logits(group, runs)
+    seed, runs, saved = picked
     labels = saved["ce"]["labels"]
     wrong = analysis.commonly_misclassified(labels, *(s["logits"] for s in saved.values()))
     if not len(wrong):
@@ -127,11 +125,10 @@ def cskd_fig3(group: Group) -> Drawing | None:
 def cskd_fig4(group: Group) -> Drawing | None:
     """CS-KD Fig. 4 from the ce and cskd test logits (lowest common seed) of a dataset whose logits files record
     `superclass_of_class`; None when they record that the dataset has none."""
-    picked = figure_runs.pair(group, ("ce", "cskd"))
+    picked = figure_runs.pair_with_logits(group, ("ce", "cskd"))
     if picked is None:
         return None
-    seed, runs = picked
-    saved = figure_runs.paired_logits(group, runs)
+    seed, runs, saved = picked
     count = saved["ce"]["logits"].shape[1]
     hierarchy = {}
     for m, s in saved.items():

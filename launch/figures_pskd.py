@@ -82,11 +82,10 @@ def pskd_fig3(group: Group) -> Drawing | None:
 def pskd_fig4(group: Group) -> Drawing | None:
     """PS-KD Fig. 4: top-5 probabilities of ce and pskd (lowest common seed) on one test sample both misclassify
     and one both classify correctly (the lowest positions), or on --samples, with the images where reachable."""
-    picked = figure_runs.pair(group, ("ce", "pskd"))
+    picked = figure_runs.pair_with_logits(group, ("ce", "pskd"))
     if picked is None:
         return None
-    seed, runs = picked
-    saved = figure_runs.paired_logits(group, runs)
+    seed, runs, saved = picked
     labels = saved["ce"]["labels"].numpy()
     logits = [s["logits"] for s in saved.values()]
     default = (analysis.lowest(analysis.commonly_misclassified(labels, *logits), 1)
